@@ -1,0 +1,94 @@
+"""Admin pages for accounts: list, create, disable and re-enable."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from sqlalchemy import select
+from starlette.responses import RedirectResponse, Response
+
+from app.auth import service
+from app.auth.models import Role, User
+from app.auth.passwords import PasswordPolicyError
+from app.web import CurrentPrincipal, DbSession, flash, render, require_roles
+
+router = APIRouter(prefix="/admin/users", dependencies=[Depends(require_roles(Role.admin))])
+
+
+def _users_page(
+    request: Request,
+    db: DbSession,
+    *,
+    error: str | None = None,
+    form: dict | None = None,
+    status_code: int = 200,
+) -> Response:
+    users = db.scalars(select(User).order_by(User.role, User.username)).all()
+    return render(
+        request,
+        "admin/users.html",
+        {"users": users, "roles": list(Role), "error": error, "form": form or {}},
+        status_code=status_code,
+        db=db,
+    )
+
+
+@router.get("")
+def list_users(request: Request, db: DbSession) -> Response:
+    """Every account with its role and state."""
+    return _users_page(request, db)
+
+
+@router.post("")
+def create_user(
+    request: Request,
+    db: DbSession,
+    principal: CurrentPrincipal,
+    username: Annotated[str, Form(max_length=64)],
+    role: Annotated[Role, Form()],
+    password: Annotated[str, Form(max_length=1024)],
+    display_name: Annotated[str, Form(max_length=128)] = "",
+) -> Response:
+    """Create an account; the admin passes the password on to its owner."""
+    try:
+        user = service.create_user(
+            db,
+            username=username,
+            role=role,
+            password=password,
+            display_name=display_name,
+            actor_id=principal.user.id,
+        )
+    except (service.AuthError, PasswordPolicyError) as exc:
+        db.rollback()
+        return _users_page(
+            request,
+            db,
+            error=str(exc),
+            status_code=422,
+            form={"username": username, "role": role.value, "display_name": display_name},
+        )
+    flash(db, principal, f"Created {user.role.value} '{user.username}'.")
+    db.commit()
+    return RedirectResponse("/admin/users", status_code=303)
+
+
+@router.post("/{user_id}/active")
+def set_active(
+    db: DbSession,
+    principal: CurrentPrincipal,
+    user_id: int,
+    active: Annotated[bool, Form()],
+) -> Response:
+    """Disable an account (its sessions end at once) or enable it again."""
+    user = db.get(User, user_id)
+    if user is None:
+        raise HTTPException(404, "No such user.")
+    if user.id == principal.user.id and not active:
+        raise HTTPException(400, "You cannot disable your own account.")
+    if user.is_active != active:
+        service.set_active(db, user, active, actor_id=principal.user.id)
+        flash(db, principal, f"{'Enabled' if active else 'Disabled'} '{user.username}'.")
+    db.commit()
+    return RedirectResponse("/admin/users", status_code=303)

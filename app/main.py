@@ -1,0 +1,63 @@
+"""The FastAPI application: `create_app()` wires settings, database, middleware and routes."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from app import __version__, api
+from app.auth import admin_views as user_admin_views
+from app.auth import views as auth_views
+from app.config import Settings, get_settings
+from app.db import Database
+from app.errors import install_error_handlers
+from app.home import views as home_views
+from app.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
+from app.web import ROOT
+
+# Routes that accept large uploads (dataset imports); every other body is capped small.
+UPLOAD_PREFIXES = ("/admin/imports", "/api/v1/imports")
+
+
+def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = FastAPI(
+        title="prefloop",
+        version=__version__,
+        docs_url=None,  # Swagger UI needs inline script and a CDN; the CSP allows neither
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.db = database or Database(
+        settings.database_url, statement_timeout_ms=settings.statement_timeout_ms
+    )
+
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        upload_max_bytes=settings.max_upload_bytes,
+        upload_prefixes=UPLOAD_PREFIXES,
+    )
+    app.add_middleware(SecurityHeadersMiddleware)
+    install_error_handlers(app)
+
+    for router in (
+        auth_views.public_router,
+        auth_views.session_router,
+        auth_views.tokens_router,
+        home_views.labeler_router,
+        home_views.admin_router,
+        home_views.research_router,
+        user_admin_views.router,
+        api.router,
+        api.health_router,
+    ):
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
+    return app

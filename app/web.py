@@ -1,0 +1,241 @@
+"""What every route shares: the database session, who is asking, CSRF, roles, templates.
+
+Each router declares who may use it with `require_roles(...)` (or `public`). The check
+also enforces CSRF on state-changing requests made with a session cookie, so a route
+cannot be protected by one and forget the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
+from starlette.responses import Response
+
+from app import __version__
+from app.auth import service as auth_service
+from app.auth.models import Role, User, UserSession
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SESSION_COOKIE = "prefloop_session"
+LOGIN_CSRF_COOKIE = "prefloop_login_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+templates = Jinja2Templates(directory=ROOT / "templates")
+templates.env.globals["app_version"] = __version__
+
+
+class NotAuthenticated(Exception):
+    """No valid session or token: browsers go to the login page, API clients get 401."""
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    """One session per request. Views that change data call `db.commit()` before answering,
+    so a response is only sent for work that is durable."""
+    with request.app.state.db.session() as session:
+        yield session
+
+
+DbSession = Annotated[Session, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+@dataclass
+class Principal:
+    user: User
+    session: UserSession | None  # None when the request came with an API token
+
+    @property
+    def via_token(self) -> bool:
+        return self.session is None
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def get_principal(request: Request, db: DbSession, settings: SettingsDep) -> Principal | None:
+    """Who is asking: a bearer token wins over a cookie; None for anonymous requests."""
+    if hasattr(request.state, "principal"):
+        return request.state.principal
+    principal: Principal | None = None
+    bearer = _bearer_token(request)
+    if bearer is not None:
+        user = auth_service.resolve_api_token(db, bearer)
+        principal = Principal(user=user, session=None) if user else None
+    elif token := request.cookies.get(SESSION_COOKIE):
+        row = auth_service.resolve_session(db, settings, token)
+        principal = Principal(user=row.user, session=row) if row else None
+    # Persist the session touch (or the expiry) now, apart from the route's own transaction.
+    db.commit()
+    request.state.principal = principal
+    return principal
+
+
+OptionalPrincipal = Annotated[Principal | None, Depends(get_principal)]
+
+
+def login_csrf_token(secret_key: str, cookie_value: str) -> str:
+    """The token a pre-login form carries: an HMAC of its cookie (signed double-submit)."""
+    return hmac.new(secret_key.encode(), cookie_value.encode(), hashlib.sha256).hexdigest()
+
+
+def expected_csrf_token(
+    request: Request, principal: Principal | None, settings: Settings
+) -> str | None:
+    if principal is not None and principal.session is not None:
+        return principal.session.csrf_token
+    cookie = request.cookies.get(LOGIN_CSRF_COOKIE)
+    return login_csrf_token(settings.secret_key, cookie) if cookie else None
+
+
+async def check_csrf(request: Request, principal: Principal | None, settings: Settings) -> None:
+    """Refuse a state-changing browser request that is cross-site or lacks the right token."""
+    if request.method in SAFE_METHODS or (principal is not None and principal.via_token):
+        return  # bearer-token calls are not sent by browsers on their own, so need no token
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        raise HTTPException(403, "Cross-site request refused.")
+    expected = expected_csrf_token(request, principal, settings)
+    sent = request.headers.get(CSRF_HEADER)
+    if sent is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        # Starlette caches the parsed form on the request, so the route can still read it.
+        sent = (await request.form()).get(CSRF_FIELD)
+    if not expected or not isinstance(sent, str) or not secrets.compare_digest(sent, expected):
+        raise HTTPException(
+            403,
+            "This form has expired or did not come from prefloop. Reload the page and try again.",
+        )
+
+
+def require_roles(*roles: Role) -> Callable[..., Any]:
+    """A dependency: the caller must be signed in with one of `roles`; CSRF is checked too."""
+
+    async def dependency(
+        request: Request, principal: OptionalPrincipal, settings: SettingsDep
+    ) -> Principal:
+        if principal is None:
+            raise NotAuthenticated()
+        await check_csrf(request, principal, settings)
+        if principal.user.role not in roles:
+            raise HTTPException(403, "Your role does not give access to this page.")
+        return principal
+
+    dependency.roles = frozenset(roles)  # type: ignore[attr-defined]  # read by the route-matrix test
+    return dependency
+
+
+ANY_ROLE = tuple(Role)
+
+
+async def public(request: Request, principal: OptionalPrincipal, settings: SettingsDep) -> None:
+    """For routes open to everyone; state-changing ones still need a CSRF token."""
+    await check_csrf(request, principal, settings)
+
+
+async def current_principal(request: Request) -> Principal:
+    """The principal a role check already resolved (use on routers guarded by require_roles)."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None:
+        raise NotAuthenticated()
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+async def current_user(principal: CurrentPrincipal) -> User:
+    return principal.user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+
+
+# --- navigation and rendering -----------------------------------------------------------------
+
+NAVIGATION: dict[Role, list[tuple[str, str]]] = {
+    Role.labeler: [("Labeling", "/label")],
+    Role.admin: [
+        ("Admin", "/admin"),
+        ("Users", "/admin/users"),
+        ("Research", "/research"),
+        ("API tokens", "/tokens"),
+    ],
+    Role.researcher: [("Research", "/research"), ("API tokens", "/tokens")],
+}
+
+
+def home_path(role: Role) -> str:
+    return NAVIGATION[role][0][1]
+
+
+def flash(db: Session, principal: Principal, text: str, level: str = "success") -> None:
+    """Queue a message for the next page this browser renders."""
+    if principal.session is not None:
+        principal.session.flashes = [*principal.session.flashes, {"level": level, "text": text}]
+        db.flush()
+
+
+def render(
+    request: Request,
+    template: str,
+    context: dict[str, Any] | None = None,
+    *,
+    status_code: int = 200,
+    db: Session | None = None,
+) -> Response:
+    """Render a page with the layout's context: user, navigation, CSRF token, flashes.
+
+    Flashes are popped only when `db` is given, i.e. by views that commit afterwards.
+    """
+    principal: Principal | None = getattr(request.state, "principal", None)
+    settings: Settings = request.app.state.settings
+    flashes: list[dict[str, str]] = []
+    if (
+        db is not None
+        and principal is not None
+        and principal.session is not None
+        and principal.session.flashes
+    ):
+        flashes = list(principal.session.flashes)
+        principal.session.flashes = []
+        db.commit()
+    user = principal.user if principal else None
+    csrf = (
+        expected_csrf_token(request, principal, settings)
+        if principal and principal.session
+        else None
+    )
+    base = {
+        "current_user": user,
+        "navigation": NAVIGATION.get(user.role, []) if user else [],
+        "csrf_token": csrf,
+        "flashes": flashes,
+        "is_htmx": request.headers.get("hx-request") == "true",
+    }
+    return templates.TemplateResponse(
+        request, template, {**base, **(context or {})}, status_code=status_code
+    )
