@@ -24,7 +24,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -142,6 +142,19 @@ class Database:
     def __init__(self, url: str, *, statement_timeout_ms: int = 0, **engine_kwargs: Any) -> None:
         self.engine = make_engine(url, statement_timeout_ms=statement_timeout_ms, **engine_kwargs)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def bound_to(cls, connection: Connection) -> Database:
+        """Sessions inside a connection's open transaction, whose commits become savepoints.
+
+        Tests use this to run the real app and roll everything back afterwards.
+        """
+        database = cls.__new__(cls)
+        database.engine = connection.engine
+        database.sessionmaker = sessionmaker(
+            bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
+        )
+        return database
 
     @contextmanager
     def session(self) -> Iterator[Session]:
