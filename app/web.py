@@ -55,14 +55,39 @@ DbSession = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
+@dataclass(frozen=True)
+class Viewer:
+    """What pages need to know about the caller, copied out of the ORM when the request
+    starts, so an error page can still be drawn after the request's transaction rolled back."""
+
+    id: int
+    username: str
+    display_name: str
+    role: Role
+    session_id: str | None  # None when the request came with an API token
+    csrf_token: str | None
+
+
 @dataclass
 class Principal:
-    user: User
-    session: UserSession | None  # None when the request came with an API token
+    user: User  # attached to the request's database session
+    viewer: Viewer
 
     @property
     def via_token(self) -> bool:
-        return self.session is None
+        return self.viewer.session_id is None
+
+    @classmethod
+    def of(cls, user: User, session: UserSession | None) -> Principal:
+        viewer = Viewer(
+            id=user.id,
+            username=user.username,
+            display_name=user.display_name,
+            role=user.role,
+            session_id=session.id if session else None,
+            csrf_token=session.csrf_token if session else None,
+        )
+        return cls(user=user, viewer=viewer)
 
 
 def client_ip(request: Request) -> str:
@@ -83,10 +108,10 @@ def get_principal(request: Request, db: DbSession, settings: SettingsDep) -> Pri
     bearer = _bearer_token(request)
     if bearer is not None:
         user = auth_service.resolve_api_token(db, bearer)
-        principal = Principal(user=user, session=None) if user else None
+        principal = Principal.of(user, None) if user else None
     elif token := request.cookies.get(SESSION_COOKIE):
         row = auth_service.resolve_session(db, settings, token)
-        principal = Principal(user=row.user, session=row) if row else None
+        principal = Principal.of(row.user, row) if row else None
     # Persist the session touch (or the expiry) now, apart from the route's own transaction.
     db.commit()
     request.state.principal = principal
@@ -104,8 +129,8 @@ def login_csrf_token(secret_key: str, cookie_value: str) -> str:
 def expected_csrf_token(
     request: Request, principal: Principal | None, settings: Settings
 ) -> str | None:
-    if principal is not None and principal.session is not None:
-        return principal.session.csrf_token
+    if principal is not None and principal.viewer.csrf_token is not None:
+        return principal.viewer.csrf_token
     cookie = request.cookies.get(LOGIN_CSRF_COOKIE)
     return login_csrf_token(settings.secret_key, cookie) if cookie else None
 
@@ -193,9 +218,11 @@ def home_path(role: Role) -> str:
 
 
 def flash(db: Session, principal: Principal, text: str, level: str = "success") -> None:
-    """Queue a message for the next page this browser renders."""
-    if principal.session is not None:
-        principal.session.flashes = [*principal.session.flashes, {"level": level, "text": text}]
+    """Queue a message for the next page this browser renders (part of the caller's transaction)."""
+    if principal.viewer.session_id is not None and (
+        row := db.get(UserSession, principal.viewer.session_id)
+    ):
+        row.flashes = [*row.flashes, {"level": level, "text": text}]
         db.flush()
 
 
@@ -212,27 +239,17 @@ def render(
     Flashes are popped only when `db` is given, i.e. by views that commit afterwards.
     """
     principal: Principal | None = getattr(request.state, "principal", None)
-    settings: Settings = request.app.state.settings
+    viewer = principal.viewer if principal else None
     flashes: list[dict[str, str]] = []
-    if (
-        db is not None
-        and principal is not None
-        and principal.session is not None
-        and principal.session.flashes
-    ):
-        flashes = list(principal.session.flashes)
-        principal.session.flashes = []
-        db.commit()
-    user = principal.user if principal else None
-    csrf = (
-        expected_csrf_token(request, principal, settings)
-        if principal and principal.session
-        else None
-    )
+    if db is not None and viewer is not None and viewer.session_id is not None:
+        row = db.get(UserSession, viewer.session_id)
+        if row is not None and row.flashes:
+            flashes, row.flashes = list(row.flashes), []
+            db.commit()
     base = {
-        "current_user": user,
-        "navigation": NAVIGATION.get(user.role, []) if user else [],
-        "csrf_token": csrf,
+        "current_user": viewer,
+        "navigation": NAVIGATION.get(viewer.role, []) if viewer else [],
+        "csrf_token": viewer.csrf_token if viewer else None,
         "flashes": flashes,
         "is_htmx": request.headers.get("hx-request") == "true",
     }

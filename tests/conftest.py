@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import service as auth_service
 from app.auth.models import Role, User
+from app.auth.passwords import hash_password
 from app.config import Settings
 from app.db import Database, make_engine
 from app.main import create_app
@@ -114,15 +115,21 @@ class Accounts:
         return getattr(self, Role(role).value)
 
 
+@pytest.fixture(scope="session")
+def password_hash() -> str:
+    """A real argon2id hash of PASSWORD, computed once: hashing is slow on purpose."""
+    return hash_password(PASSWORD)
+
+
 @pytest.fixture
-def users(db: Session) -> Accounts:
+def users(db: Session, password_hash: str) -> Accounts:
     """One active account per role, all with the password PASSWORD."""
     made = {
-        role: auth_service.create_user(
-            db, username=f"test-{role.value}", role=role, password=PASSWORD
-        )
+        role: auth_service.create_user(db, username=f"test-{role.value}", role=role, password=None)
         for role in Role
     }
+    for user in made.values():
+        user.password_hash = password_hash
     db.commit()
     return Accounts(
         labeler=made[Role.labeler], admin=made[Role.admin], researcher=made[Role.researcher]

@@ -10,7 +10,12 @@ from sqlalchemy import func, select
 
 from app.auth import service
 from app.auth.models import ApiToken, LoginAttempt, User, UserSession
-from app.auth.passwords import PasswordPolicyError, check_password_policy, hash_password, verify_password
+from app.auth.passwords import (
+    PasswordPolicyError,
+    check_password_policy,
+    hash_password,
+    verify_password,
+)
 from app.web import LOGIN_CSRF_COOKIE, SESSION_COOKIE
 from tests.conftest import PASSWORD, csrf_from, login
 
@@ -36,7 +41,12 @@ def test_password_hashes_are_argon2id_with_owasp_parameters():
 
 @pytest.mark.parametrize(
     ("password", "message"),
-    [("short", "at least 8"), ("x" * 257, "at most 256"), ("Password123", "too common"), ("test-user", "username")],
+    [
+        ("short", "at least 8"),
+        ("x" * 257, "at most 256"),
+        ("Password123", "too common"),
+        ("test-user", "username"),
+    ],
 )
 def test_password_policy_refuses(password, message):
     with pytest.raises(PasswordPolicyError, match=message):
@@ -60,7 +70,9 @@ def test_login_starts_a_server_side_session(client, users, db):
     stored = db.scalars(select(UserSession).where(UserSession.user_id == users.labeler.id)).one()
     assert stored.id == service.sha256_hex(cookie) and stored.id != cookie  # only the hash is kept
     assert len(cookie) >= 43  # 256 random bits, url-safe
-    assert db.scalar(select(LoginAttempt.succeeded).where(LoginAttempt.username == users.labeler.username))
+    assert db.scalar(
+        select(LoginAttempt.succeeded).where(LoginAttempt.username == users.labeler.username)
+    )
 
 
 def test_login_issues_a_new_session_id_each_time(client, users, db):
@@ -96,8 +108,11 @@ def test_disabled_account_cannot_log_in(client, users, db):
 
 def test_login_without_csrf_token_is_refused(client, users, db):
     client.get("/login")
-    response = client.post("/login", data={"username": users.admin.username, "password": PASSWORD},
-                           follow_redirects=False)
+    response = client.post(
+        "/login",
+        data={"username": users.admin.username, "password": PASSWORD},
+        follow_redirects=False,
+    )
     assert response.status_code == 403
     assert db.scalar(select(func.count()).select_from(LoginAttempt)) == 0
 
@@ -106,13 +121,19 @@ def test_login_token_is_bound_to_its_cookie(client, users):
     token = csrf_from(client.get("/login").text)
     client.cookies.clear()
     client.cookies.set(LOGIN_CSRF_COOKIE, "another-browsers-cookie")
-    response = client.post("/login", data={"username": users.admin.username, "password": PASSWORD,
-                                           "csrf_token": token}, follow_redirects=False)
+    response = client.post(
+        "/login",
+        data={"username": users.admin.username, "password": PASSWORD, "csrf_token": token},
+        follow_redirects=False,
+    )
     assert response.status_code == 403
 
 
 def test_after_login_only_local_next_urls_are_followed(client, users):
-    assert post_login(client, users.admin.username, PASSWORD, next="/tokens").headers["location"] == "/tokens"
+    assert (
+        post_login(client, users.admin.username, PASSWORD, next="/tokens").headers["location"]
+        == "/tokens"
+    )
     for evil in ("https://evil.example/", "//evil.example/x", "/\\evil.example"):
         response = post_login(client, users.admin.username, PASSWORD, next=evil)
         assert response.headers["location"] == "/admin", evil
@@ -205,7 +226,9 @@ def test_disabling_a_user_ends_their_sessions_and_tokens(client, as_role, users,
     db.commit()
     assert client.get("/research", follow_redirects=False).status_code == 303
     client.cookies.clear()
-    assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    assert (
+        client.get("/api/v1/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    )
 
 
 def test_htmx_request_with_dead_session_is_told_to_redirect(client):
@@ -232,7 +255,9 @@ def test_csrf_header_works_for_htmx(client, as_role, db):
 
 def test_cross_site_requests_are_refused_even_with_a_token(client, as_role, db):
     csrf = as_role("researcher")
-    response = client.post("/tokens", data={"name": "x", "csrf_token": csrf}, headers={"Sec-Fetch-Site": "cross-site"})
+    response = client.post(
+        "/tokens", data={"name": "x", "csrf_token": csrf}, headers={"Sec-Fetch-Site": "cross-site"}
+    )
     assert response.status_code == 403 and "Cross-site" in response.text
     assert db.scalar(select(func.count()).select_from(ApiToken)) == 0
 

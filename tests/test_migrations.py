@@ -50,7 +50,9 @@ def test_hot_paths_are_indexed(connection):
     assert ["user_id", "state"] in indexed_columns("assignments")
 
 
-@pytest.mark.parametrize("statement", ["UPDATE audit_events SET action = 'forged'", "DELETE FROM audit_events"])
+@pytest.mark.parametrize(
+    "statement", ["UPDATE audit_events SET action = 'forged'", "DELETE FROM audit_events"]
+)
 def test_audit_trail_is_append_only(db, statement):
     db.add(AuditEvent(action="test.event", entity_type="test", entity_id="1"))
     db.commit()

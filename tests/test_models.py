@@ -23,7 +23,9 @@ def make_prompt_with_completions(db, campaign, n=3):
     prompt = Prompt(campaign_id=campaign.id, text="Why is the sky blue?", content_hash="h")
     db.add(prompt)
     db.flush()
-    completions = [Completion(prompt_id=prompt.id, text=f"answer {i}", content_hash=f"c{i}") for i in range(n)]
+    completions = [
+        Completion(prompt_id=prompt.id, text=f"answer {i}", content_hash=f"c{i}") for i in range(n)
+    ]
     db.add_all(completions)
     db.flush()
     return prompt, completions
@@ -31,7 +33,14 @@ def make_prompt_with_completions(db, campaign, n=3):
 
 @pytest.mark.parametrize(
     "fields",
-    [{"k": 1}, {"k": 10}, {"overlap": 0}, {"gold_rate": 1.5}, {"gold_rate": -0.1}, {"lease_minutes": 0}],
+    [
+        {"k": 1},
+        {"k": 10},
+        {"overlap": 0},
+        {"gold_rate": 1.5},
+        {"gold_rate": -0.1},
+        {"lease_minutes": 0},
+    ],
 )
 def test_campaign_checks_reject_out_of_range_values(db, fields):
     with pytest.raises(IntegrityError), db.begin_nested():
@@ -84,13 +93,22 @@ def test_prompt_needs_text_or_messages(db):
 
 def test_chat_prompt_and_json_fields_round_trip(db):
     campaign = make_campaign(db)
-    messages = [{"role": "user", "content": "Hi ünïcode ✓"}, {"role": "assistant", "content": "Hello"}]
-    prompt = Prompt(campaign_id=campaign.id, messages=messages, content_hash="h", meta={"source": "x", "n": 2})
+    messages = [
+        {"role": "user", "content": "Hi ünïcode ✓"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    prompt = Prompt(
+        campaign_id=campaign.id, messages=messages, content_hash="h", meta={"source": "x", "n": 2}
+    )
     db.add(prompt)
     db.commit()
     db.expire_all()
     stored = db.get(Prompt, prompt.id)
-    assert stored.messages == messages and stored.meta == {"source": "x", "n": 2} and stored.text is None
+    assert (
+        stored.messages == messages
+        and stored.meta == {"source": "x", "n": 2}
+        and stored.text is None
+    )
 
 
 def test_external_id_is_unique_per_campaign(db):
@@ -113,8 +131,13 @@ def test_task_keeps_completion_order_and_ranking_with_ties(db, users):
     db.flush()
     ranking = [[order[1].id], [order[0].id, order[2].id]]  # one best, two tied
     judgment = Judgment(
-        task_id=task.id, campaign_id=campaign.id, user_id=users.labeler.id, ranking=ranking,
-        display_order=[c.id for c in order], idempotency_key="k1", payload_hash="p",
+        task_id=task.id,
+        campaign_id=campaign.id,
+        user_id=users.labeler.id,
+        ranking=ranking,
+        display_order=[c.id for c in order],
+        idempotency_key="k1",
+        payload_hash="p",
     )
     db.add(judgment)
     db.commit()
@@ -130,7 +153,12 @@ def test_judgment_idempotency_key_is_unique(db, users):
     task = Task(campaign_id=campaign.id, prompt_id=prompt.id)
     db.add(task)
     db.flush()
-    fields = {"task_id": task.id, "campaign_id": campaign.id, "user_id": users.labeler.id, "payload_hash": "p"}
+    fields = {
+        "task_id": task.id,
+        "campaign_id": campaign.id,
+        "user_id": users.labeler.id,
+        "payload_hash": "p",
+    }
     db.add(Judgment(idempotency_key="same", **fields))
     db.flush()
     with pytest.raises(IntegrityError), db.begin_nested():
@@ -142,8 +170,14 @@ def test_comparison_pair_must_be_two_completions(db):
     campaign = make_campaign(db)
     prompt, completions = make_prompt_with_completions(db, campaign)
     with pytest.raises(IntegrityError), db.begin_nested():
-        db.add(Comparison(campaign_id=campaign.id, prompt_id=prompt.id, chosen_id=completions[0].id,
-                          rejected_id=completions[0].id))
+        db.add(
+            Comparison(
+                campaign_id=campaign.id,
+                prompt_id=prompt.id,
+                chosen_id=completions[0].id,
+                rejected_id=completions[0].id,
+            )
+        )
         db.flush()
 
 
@@ -158,10 +192,21 @@ def test_comparisons_since_an_id_in_order(db):
     campaign = make_campaign(db)
     prompt, completions = make_prompt_with_completions(db, campaign)
     for _ in range(3):
-        db.add(Comparison(campaign_id=campaign.id, prompt_id=prompt.id, chosen_id=completions[0].id,
-                          rejected_id=completions[1].id))
+        db.add(
+            Comparison(
+                campaign_id=campaign.id,
+                prompt_id=prompt.id,
+                chosen_id=completions[0].id,
+                rejected_id=completions[1].id,
+            )
+        )
     db.flush()
-    ids = db.scalars(select(Comparison.id).where(Comparison.campaign_id == campaign.id).order_by(Comparison.id)).all()
-    newer = db.scalars(select(Comparison.id).where(Comparison.campaign_id == campaign.id, Comparison.id > ids[0])
-                       .order_by(Comparison.id)).all()
+    ids = db.scalars(
+        select(Comparison.id).where(Comparison.campaign_id == campaign.id).order_by(Comparison.id)
+    ).all()
+    newer = db.scalars(
+        select(Comparison.id)
+        .where(Comparison.campaign_id == campaign.id, Comparison.id > ids[0])
+        .order_by(Comparison.id)
+    ).all()
     assert newer == ids[1:] and len(ids) == 3

@@ -1,0 +1,152 @@
+"""Every route, every role: who may use it, and CSRF on every state change.
+
+The matrix must name every route the app serves: a new route that is not listed here fails
+`test_matrix_covers_every_route`, so nobody adds an endpoint without deciding who may use it.
+"""
+
+from __future__ import annotations
+
+import pytest
+from starlette.routing import Mount
+
+from app.auth import service as auth_service
+from app.web import SESSION_COOKIE
+
+ANON, LABELER, ADMIN, RESEARCHER = "anonymous", "labeler", "admin", "researcher"
+EVERYONE = {ANON, LABELER, ADMIN, RESEARCHER}
+SIGNED_IN = {LABELER, ADMIN, RESEARCHER}
+
+# (method, path template) -> who is let through. Path parameters get harmless sample values.
+MATRIX: dict[tuple[str, str], set[str]] = {
+    ("GET", "/login"): EVERYONE,
+    ("POST", "/login"): EVERYONE,
+    ("GET", "/healthz"): EVERYONE,
+    ("GET", "/api/openapi.json"): EVERYONE,
+    ("GET", "/static"): EVERYONE,
+    ("GET", "/"): SIGNED_IN,
+    ("POST", "/logout"): SIGNED_IN,
+    ("GET", "/api/v1/me"): SIGNED_IN,
+    ("GET", "/label"): {LABELER},
+    ("GET", "/admin"): {ADMIN},
+    ("GET", "/admin/users"): {ADMIN},
+    ("POST", "/admin/users"): {ADMIN},
+    ("POST", "/admin/users/{user_id}/active"): {ADMIN},
+    ("GET", "/research"): {RESEARCHER, ADMIN},
+    ("GET", "/tokens"): {RESEARCHER, ADMIN},
+    ("POST", "/tokens"): {RESEARCHER, ADMIN},
+    ("POST", "/tokens/{token_id}/revoke"): {RESEARCHER, ADMIN},
+}
+SAMPLE_PARAMS = {"user_id": "999999", "token_id": "999999"}
+UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def iter_routes(routes):
+    """Flatten the app's routes, including routers FastAPI keeps as lazy includes."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from iter_routes(included.routes)
+        else:
+            yield route
+
+
+def served_routes(app) -> set[tuple[str, str]]:
+    found = set()
+    for route in iter_routes(app.routes):
+        if isinstance(route, Mount):
+            found.add(("GET", route.path))
+            continue
+        for method in getattr(route, "methods", None) or ():
+            if method != "HEAD":
+                found.add((method, route.path))
+    return found
+
+
+def sample_url(path: str) -> str:
+    if path == "/static":
+        return "/static/app.css"
+    return path.format(**SAMPLE_PARAMS)
+
+
+def test_matrix_covers_every_route(app):
+    served = served_routes(app)
+    assert served - MATRIX.keys() == set(), (
+        "routes missing from the matrix: decide who may use them"
+    )
+    assert MATRIX.keys() - served == set(), "the matrix lists routes the app no longer serves"
+
+
+@pytest.fixture
+def sign_in(client, users, db, settings):
+    """Sign a role in by creating its session directly (no password hashing: fast)."""
+
+    def _sign_in(role: str) -> str | None:
+        client.cookies.clear()
+        if role == ANON:
+            return None
+        user = users[role]
+        token = auth_service.create_session(db, settings, user, ip=None, user_agent=None)
+        db.commit()
+        client.cookies.set(SESSION_COOKIE, token)
+        row = auth_service.resolve_session(db, settings, token)
+        return row.csrf_token
+
+    return _sign_in
+
+
+def call(client, method: str, path: str, csrf: str | None):
+    data = {"csrf_token": csrf} if csrf else {}
+    return client.request(
+        method, sample_url(path), data=data if method in UNSAFE else None, follow_redirects=False
+    )
+
+
+def denied(response, role: str) -> bool:
+    if role == ANON:
+        to_login = response.status_code == 303 and response.headers["location"].startswith("/login")
+        return response.status_code == 401 or to_login
+    return response.status_code == 403
+
+
+@pytest.mark.parametrize("role", sorted(EVERYONE))
+def test_each_role_reaches_exactly_its_routes(client, sign_in, role):
+    wrong = []
+    for (method, path), allowed in sorted(MATRIX.items()):
+        if (method, path) == ("POST", "/logout"):
+            continue  # would end the session mid-loop; covered by its own test below
+        if method in UNSAFE and role == ANON and path == "/login":
+            continue  # the pre-login form has its own token: tested in test_auth
+        csrf = sign_in(role)
+        response = call(client, method, path, csrf)
+        if (role in allowed) == denied(response, role) or response.status_code >= 500:
+            wrong.append(f"{role} {method} {path} -> {response.status_code}")
+    assert wrong == []
+
+
+@pytest.mark.parametrize("role", sorted(SIGNED_IN))
+def test_logout_is_open_to_every_signed_in_role(client, sign_in, role):
+    csrf = sign_in(role)
+    response = call(client, "POST", "/logout", csrf)
+    assert response.status_code == 303 and response.headers["location"] == "/login"
+
+
+def test_anonymous_post_to_a_signed_in_route_gets_401(client, sign_in):
+    sign_in(ANON)
+    response = call(client, "POST", "/logout", None)
+    assert response.status_code == 401 and "Sign in again" in response.text
+
+
+@pytest.mark.parametrize("route", sorted(k for k in MATRIX if k[0] in UNSAFE))
+def test_every_state_change_needs_a_csrf_token(client, sign_in, route):
+    method, path = route
+    allowed = MATRIX[route] - {ANON} or {ANON}
+    role = sorted(allowed)[0]
+    sign_in(role)
+    if role == ANON:
+        client.get("/login")  # the pre-login cookie is there, the token is not sent
+    response = call(client, method, path, csrf=None)
+    assert response.status_code == 403, (
+        f"{method} {path} as {role} without a token -> {response.status_code}"
+    )
+    forged = call(client, method, path, csrf="forged-token")
+    assert forged.status_code == 403
