@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 import typer.main
 
 from app.cli import cli
@@ -13,11 +12,11 @@ from app.config import Settings
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 
 
-def command_paths(group: click.Group, prefix: str = "prefloop") -> list[str]:
+def command_paths(group, prefix: str = "prefloop") -> list[str]:
     paths = []
     for name, command in group.commands.items():
         path = f"{prefix} {name}"
-        if isinstance(command, click.Group):
+        if hasattr(command, "commands"):  # a sub-group (typer may bundle its own click)
             paths += command_paths(command, path)
         else:
             paths.append(path)
