@@ -9,7 +9,8 @@ from typing import Annotated, NoReturn
 import typer
 from pydantic import ValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session
 
 from app.auth import service as auth_service
 from app.auth.models import Role, User
@@ -54,12 +55,15 @@ def open_database(settings: Settings, *, require_schema: bool = True) -> Databas
     """Connect, or exit with one line naming the database and the reason."""
     from app import migrate
 
-    database = Database(settings.database_url)
     try:
+        database = Database(settings.database_url)
         current = migrate.current_revision(database.engine)
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         fail(f"cannot connect to the database at {redact_url(settings.database_url)}: {reason}")
+    except (ArgumentError, ImportError, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"cannot use the database at {redact_url(settings.database_url)}: {reason}")
     if require_schema and current != migrate.head_revision():
         fail(
             f"the database schema is at {current or 'nothing'}, not {migrate.head_revision()}: "
@@ -144,7 +148,10 @@ def read_password(password_stdin: bool, *, confirm: bool = True) -> str:
     return typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
 
 
-def _get_user(session, username: str) -> User:
+UsernameArg = Annotated[str, typer.Argument(help="The account's username.")]
+
+
+def _get_user(session: Session, username: str) -> User:
     user = auth_service.get_user_by_username(session, username)
     if user is None:
         fail(f"no user named '{username}'")
@@ -215,14 +222,14 @@ def user_disable(
 
 
 @user_cli.command("enable")
-def user_enable(username: str) -> None:
+def user_enable(username: UsernameArg) -> None:
     """Re-enable a disabled account."""
     _set_active(username, True, None)
 
 
 @user_cli.command("set-password")
 def user_set_password(
-    username: str,
+    username: UsernameArg,
     password_stdin: Annotated[
         bool, typer.Option(help="Read the password from standard input.")
     ] = False,
@@ -267,7 +274,7 @@ def token_create(
 
 
 @token_cli.command("list")
-def token_list(username: str) -> None:
+def token_list(username: UsernameArg) -> None:
     """List USERNAME's tokens (prefix, name, state); secrets are never shown again."""
     database = open_database(load_settings())
     with database.session() as session:
@@ -281,7 +288,12 @@ def token_list(username: str) -> None:
 
 
 @token_cli.command("revoke")
-def token_revoke(username: str, token_id: int) -> None:
+def token_revoke(
+    username: UsernameArg,
+    token_id: Annotated[
+        int, typer.Argument(help="The token's number, from `prefloop token list`.")
+    ],
+) -> None:
     """Revoke USERNAME's token TOKEN_ID (see `prefloop token list`)."""
     database = open_database(load_settings())
     with database.session() as session:
@@ -310,6 +322,11 @@ def demo(
     os.environ.setdefault("PREFLOOP_ENV", "dev")
     get_settings.cache_clear()
     settings = load_settings()
+    if settings.env != "dev":
+        # The demo resets the demo accounts' passwords: never against a real deployment.
+        fail(
+            "prefloop demo only runs in dev mode (PREFLOOP_ENV=dev); it resets the demo accounts", 2
+        )
     database = open_database(settings, require_schema=False)
     migrate.upgrade(database.engine)
     with database.session() as session:

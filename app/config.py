@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 # Values people paste from examples; a production secret must not be one of these.
 PLACEHOLDER_SECRETS = frozenset(
@@ -85,6 +87,17 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> Settings:
         self.database_url = normalize_database_url(self.database_url)
+        try:
+            url = make_url(self.database_url)
+        except (ArgumentError, ValueError):
+            raise ConfigError(
+                "PREFLOOP_DATABASE_URL is not a database URL: use sqlite:///path/to.db or "
+                "postgresql+psycopg://user:password@host:5432/name"
+            ) from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ConfigError(
+                f"PREFLOOP_DATABASE_URL: prefloop runs on PostgreSQL or SQLite, not {url.get_backend_name()}"
+            )
         if self.env == "dev":
             self.cookie_secure = False
             if not self.secret_key:

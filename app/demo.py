@@ -53,13 +53,15 @@ def reset_demo_accounts(session: Session) -> list[tuple[str, str, str]]:
         password = _new_password()
         user = auth_service.get_user_by_username(session, username)
         if user is None:
-            auth_service.create_user(session, username=username, role=role, password=password)
+            user = auth_service.create_user(
+                session, username=username, role=role, password=password
+            )
         else:
             auth_service.set_password(session, user, password, actor_id=None)
             session.query(UserSession).filter(UserSession.user_id == user.id).delete()
             if not user.is_active:
                 auth_service.set_active(session, user, True, actor_id=None, reason="demo reset")
-        accounts.append((username, role.value, password))
+        accounts.append((username, user.role.value, password))
     return accounts
 
 

@@ -56,7 +56,6 @@ def test_hot_paths_are_indexed(connection):
 def test_audit_trail_is_append_only(db, statement):
     db.add(AuditEvent(action="test.event", entity_type="test", entity_id="1"))
     db.commit()
-    with pytest.raises(DatabaseError, match="append-only"):
-        with db.begin_nested():
-            db.execute(text(statement))
+    with pytest.raises(DatabaseError, match="append-only"), db.begin_nested():
+        db.execute(text(statement))
     assert db.scalar(text("SELECT action FROM audit_events")) == "test.event"

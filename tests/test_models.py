@@ -79,7 +79,7 @@ def test_timestamps_come_back_timezone_aware_utc(db):
 
 def test_naive_datetimes_are_refused(db):
     campaign = make_campaign(db)
-    campaign.updated_at = dt.datetime(2026, 1, 1)  # noqa: DTZ001  (the point of the test)
+    campaign.updated_at = dt.datetime(2026, 1, 1)
     with pytest.raises(StatementError, match="naive datetime"), db.begin_nested():
         db.flush()
 
