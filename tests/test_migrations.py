@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -13,6 +17,8 @@ from app.db import Base, make_engine
 from app.migrate import alembic_config, current_revision, head_revision
 from app.models import AuditEvent
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def test_upgrade_head_leaves_no_drift(fresh_database_url):
     """What `alembic check` does: the migrated schema matches the models exactly."""
@@ -22,6 +28,27 @@ def test_upgrade_head_leaves_no_drift(fresh_database_url):
         assert compare_metadata(context, Base.metadata) == []
     assert current_revision(engine) == head_revision()
     engine.dispose()
+
+
+def test_alembic_cli_upgrade_then_check_is_clean(backend):
+    """The literal commands: `alembic upgrade head` then `alembic check`, on an empty database."""
+    url = backend.clone()
+    alembic = [str(Path(sys.executable).with_name("alembic")), "-x", f"url={url}"]
+    try:
+        engine = make_engine(url)
+        with engine.begin() as connection:  # start from nothing, not from the migrated template
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "base")
+        engine.dispose()
+        for args in (["upgrade", "head"], ["check"]):
+            result = subprocess.run(
+                [*alembic, *args], cwd=ROOT, capture_output=True, text=True, check=False
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+        assert "No new upgrade operations detected." in result.stdout + result.stderr
+    finally:
+        backend.drop(url)
 
 
 def test_downgrade_to_base_and_back(fresh_database_url):
