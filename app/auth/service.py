@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import math
 import re
 import secrets
@@ -24,6 +25,7 @@ from app.auth.passwords import (
 from app.config import Settings
 from app.db import utcnow
 
+log = logging.getLogger("prefloop.auth")
 USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{1,63}$")
 TOKEN_PREFIX = "pfl_"  # noqa: S105 (a public marker, not a secret)
 # Writing last_seen_at on every request would turn each page view into a write.
@@ -168,6 +170,7 @@ def authenticate(
     try:
         check_throttle(session, settings, username=name, ip=ip)
     except ThrottledError:
+        log.warning("login throttled for %r from %s", name, ip)
         session.add(LoginAttempt(username=name, ip=ip, succeeded=False, reason="throttled"))
         session.flush()
         raise
@@ -181,6 +184,13 @@ def authenticate(
     elif not user.is_active:
         reason = "disabled"
     session.add(LoginAttempt(username=name, ip=ip, succeeded=reason is None, reason=reason))
+    log.info(
+        "login %s for %r from %s%s",
+        "failed" if reason else "succeeded",
+        name,
+        ip,
+        f" ({reason})" if reason else "",
+    )
     if reason is not None:
         session.flush()
         # One message for every cause, so the page does not confirm which accounts exist.
