@@ -149,7 +149,11 @@ async def check_csrf(request: Request, principal: Principal | None, settings: Se
     ):
         # Starlette caches the parsed form on the request, so the route can still read it.
         sent = (await request.form()).get(CSRF_FIELD)
-    if not expected or not isinstance(sent, str) or not secrets.compare_digest(sent, expected):
+    if (
+        not expected
+        or not isinstance(sent, str)
+        or not secrets.compare_digest(sent.encode(), expected.encode())  # bytes: any input is safe
+    ):
         raise HTTPException(
             403,
             "This form has expired or did not come from prefloop. Reload the page and try again.",

@@ -243,6 +243,9 @@ def test_state_change_without_token_writes_nothing(client, as_role, db):
     as_role("researcher")
     assert client.post("/tokens", data={"name": "no-token"}).status_code == 403
     assert client.post("/tokens", data={"name": "bad", "csrf_token": "forged"}).status_code == 403
+    assert (
+        client.post("/tokens", data={"name": "bad", "csrf_token": "föörged ✓"}).status_code == 403
+    )
     assert db.scalar(select(func.count()).select_from(ApiToken)) == 0
 
 
