@@ -11,7 +11,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from app.web import NotAuthenticated, render
+from app.web import NotAuthenticated, is_htmx, render
 
 log = logging.getLogger("prefloop")
 
@@ -45,11 +45,7 @@ def error_response(
         return JSONResponse(
             {"error": title, "detail": message}, status_code=status_code, headers=headers
         )
-    template = (
-        "errors/fragment.html"
-        if request.headers.get("hx-request") == "true"
-        else "errors/page.html"
-    )
+    template = "errors/fragment.html" if is_htmx(request) else "errors/page.html"
     response = render(
         request,
         template,
@@ -70,7 +66,7 @@ def install_error_handlers(app: FastAPI) -> None:
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if request.headers.get("hx-request") == "true":
+        if is_htmx(request):
             # htmx would swap a login page into a fragment; tell it to navigate instead.
             return Response(status_code=401, headers={"HX-Redirect": "/login"})
         if request.method == "GET":

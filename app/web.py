@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 
 from app import __version__
 from app.auth import service as auth_service
@@ -249,13 +249,39 @@ def render(
         if row is not None and row.flashes:
             flashes, row.flashes = list(row.flashes), []
             db.commit()
-    base = {
+    page_context = {**_layout_context(request, viewer), "flashes": flashes, **(context or {})}
+    return templates.TemplateResponse(request, template, page_context, status_code=status_code)
+
+
+def render_block(
+    request: Request, template: str, block: str, context: dict[str, Any], *, status_code: int = 200
+) -> HTMLResponse:
+    """Render one `{% block %}` of a page: the fragment an htmx request swaps in.
+
+    The same template serves the full page and its parts, so they cannot drift apart
+    (the "template fragments" pattern). The page's top level does not run: a block that
+    uses macros imports them itself.
+    """
+    principal: Principal | None = getattr(request.state, "principal", None)
+    page = templates.env.get_template(template)
+    jinja_context = page.new_context(
+        {
+            **_layout_context(request, principal.viewer if principal else None),
+            "request": request,
+            **context,
+        }
+    )
+    return HTMLResponse("".join(page.blocks[block](jinja_context)), status_code=status_code)
+
+
+def is_htmx(request: Request) -> bool:
+    return request.headers.get("hx-request") == "true"
+
+
+def _layout_context(request: Request, viewer: Viewer | None) -> dict[str, Any]:
+    return {
         "current_user": viewer,
         "navigation": NAVIGATION.get(viewer.role, []) if viewer else [],
         "csrf_token": viewer.csrf_token if viewer else None,
-        "flashes": flashes,
-        "is_htmx": request.headers.get("hx-request") == "true",
+        "is_htmx": is_htmx(request),
     }
-    return templates.TemplateResponse(
-        request, template, {**base, **(context or {})}, status_code=status_code
-    )

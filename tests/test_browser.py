@@ -208,3 +208,30 @@ def test_htmx_request_after_session_ends_goes_to_login(
     assert path_of(page) == "/login"
     assert page.get_by_role("button", name="Sign in").is_visible()
     assert page.locator("nav.nav").count() == 0
+
+
+def test_admin_disables_a_user_in_place_with_htmx(server: LiveServer, browsing: Browsing) -> None:
+    """The Disable button swaps just that row (CSRF header from <body>), then Enable undoes it."""
+    server.create_user("row-admin", Role.admin)
+    target = server.create_user("row-target", Role.labeler)
+    page = browsing.new_page()
+    browsing.login(page, "row-admin")
+    page.goto("/admin/users")
+    page.wait_for_function("typeof window.htmx === 'object'")
+    row = page.locator(f"#user-{target.id}")
+    navigations: list[str] = []
+    page.on("framenavigated", lambda frame: navigations.append(frame.url))
+
+    with page.expect_response(
+        lambda r: r.url.endswith(f"/admin/users/{target.id}/active")
+    ) as answer:
+        row.get_by_role("button", name="Disable").click()
+    assert answer.value.status == 200
+    assert answer.value.request.headers.get("x-csrf-token"), "htmx did not send the CSRF header"
+    row.get_by_role("button", name="Enable").wait_for()
+    assert "disabled" in row.inner_text()
+    assert navigations == [], "the page reloaded instead of swapping the row"
+
+    row.get_by_role("button", name="Enable").click()
+    row.get_by_role("button", name="Disable").wait_for()
+    assert "active" in row.inner_text()

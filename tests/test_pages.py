@@ -184,3 +184,82 @@ def test_user_text_is_escaped_in_pages(client, as_role, users, db):
     as_role("admin")
     html = client.get("/admin/users").text
     assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;{{7*7}}" in html
+
+
+def test_htmx_toggle_returns_just_the_updated_row(client, as_role, users, db):
+    csrf = as_role("admin")
+    response = client.post(
+        f"/admin/users/{users.labeler.id}/active",
+        data={"active": "false"},
+        headers={"HX-Request": "true", "X-CSRF-Token": csrf},
+    )
+    assert response.status_code == 200
+    html = response.text.strip()
+    assert html.startswith(f'<tr id="user-{users.labeler.id}"') and "<html" not in html
+    assert "disabled" in html and ">Enable<" in html
+    db.expire_all()
+    assert db.get(User, users.labeler.id).is_active is False
+
+
+def change_password(client, csrf, current, new, confirm=None):
+    return client.post(
+        "/account/password",
+        data={
+            "current_password": current,
+            "new_password": new,
+            "confirm_password": new if confirm is None else confirm,
+            "csrf_token": csrf,
+        },
+        follow_redirects=False,
+    )
+
+
+def test_account_page_shows_who_you_are(client, as_role, users):
+    as_role("researcher")
+    page = client.get("/account")
+    assert (
+        page.status_code == 200
+        and users.researcher.username in page.text
+        and "Change password" in page.text
+    )
+
+
+def test_changing_your_password_keeps_this_session_and_ends_the_others(
+    app, client, as_role, users, db
+):
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import login
+
+    with TestClient(app) as other_browser:
+        login(other_browser, users.labeler.username)
+        csrf = as_role("labeler")
+        new = "a brand new passphrase"
+        response = change_password(client, csrf, PASSWORD, new)
+        assert response.status_code == 303 and response.headers["location"] == "/account?changed=1"
+        assert "Password changed" in client.get("/account?changed=1").text  # still signed in here
+        assert (
+            other_browser.get("/label", follow_redirects=False).status_code == 303
+        )  # signed out there
+    client.cookies.clear()
+    login(client, users.labeler.username, new)
+
+
+@pytest.mark.parametrize(
+    ("current", "new", "confirm", "message"),
+    [
+        ("not my password", "a brand new passphrase", None, "current password is wrong"),
+        (PASSWORD, "a brand new passphrase", "something else entirely", "differ"),
+        (PASSWORD, "password1", None, "too common"),
+    ],
+)
+def test_bad_password_changes_change_nothing(
+    client, as_role, users, db, current, new, confirm, message
+):
+    csrf = as_role("labeler")
+    before = db.get(User, users.labeler.id).password_hash
+    response = change_password(client, csrf, current, new, confirm)
+    assert response.status_code == 422 and message in response.text
+    db.expire_all()
+    assert db.get(User, users.labeler.id).password_hash == before
+    assert client.get("/label").status_code == 200  # still signed in

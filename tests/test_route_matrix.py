@@ -26,6 +26,8 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/"): SIGNED_IN,
     ("POST", "/logout"): SIGNED_IN,
     ("GET", "/api/v1/me"): SIGNED_IN,
+    ("GET", "/account"): SIGNED_IN,
+    ("POST", "/account/password"): SIGNED_IN,
     ("GET", "/label"): {LABELER},
     ("GET", "/admin"): {ADMIN},
     ("GET", "/admin/users"): {ADMIN},

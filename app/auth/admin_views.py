@@ -11,7 +11,7 @@ from starlette.responses import RedirectResponse, Response
 from app.auth import service
 from app.auth.models import Role, User
 from app.auth.passwords import PasswordPolicyError
-from app.web import CurrentPrincipal, DbSession, flash, render, require_roles
+from app.web import CurrentPrincipal, DbSession, flash, is_htmx, render, render_block, require_roles
 
 router = APIRouter(prefix="/admin/users", dependencies=[Depends(require_roles(Role.admin))])
 
@@ -76,19 +76,28 @@ def create_user(
 
 @router.post("/{user_id}/active")
 def set_active(
+    request: Request,
     db: DbSession,
     principal: CurrentPrincipal,
     user_id: int,
     active: Annotated[bool, Form()],
 ) -> Response:
-    """Disable an account (its sessions end at once) or enable it again."""
+    """Disable an account (its sessions end at once) or enable it again.
+
+    From htmx the answer is the user's updated table row; otherwise a redirect to the list.
+    """
     user = db.get(User, user_id)
     if user is None:
         raise HTTPException(404, "No such user.")
     if user.id == principal.user.id and not active:
         raise HTTPException(400, "You cannot disable your own account.")
-    if user.is_active != active:
+    changed = user.is_active != active
+    if changed:
         service.set_active(db, user, active, actor_id=principal.user.id)
+    if is_htmx(request):
+        db.commit()
+        return render_block(request, "admin/users.html", "user_row", {"user": user})
+    if changed:
         flash(db, principal, f"{'Enabled' if active else 'Disabled'} '{user.username}'.")
     db.commit()
     return RedirectResponse("/admin/users", status_code=303)

@@ -11,6 +11,7 @@ from starlette.responses import RedirectResponse, Response
 
 from app.auth import service
 from app.auth.models import Role
+from app.auth.passwords import PasswordPolicyError
 from app.web import (
     ANY_ROLE,
     LOGIN_CSRF_COOKIE,
@@ -23,6 +24,7 @@ from app.web import (
     client_ip,
     flash,
     home_path,
+    is_htmx,
     login_csrf_token,
     public,
     render,
@@ -143,7 +145,7 @@ def logout(request: Request, db: DbSession, principal: CurrentPrincipal) -> Resp
     db.commit()
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
-    if request.headers.get("hx-request") == "true":
+    if is_htmx(request):
         response.headers["HX-Redirect"] = "/login"
     return response
 
@@ -192,3 +194,60 @@ def revoke_token(
     flash(db, principal, "Token revoked.")
     db.commit()
     return RedirectResponse("/tokens", status_code=303)
+
+
+@session_router.get("/account")
+def account_page(request: Request, db: DbSession, user: CurrentUser) -> Response:
+    """Your account: who you are, and a form to change your password."""
+    return render(request, "auth/account.html", {"user": user}, db=db)
+
+
+@session_router.post("/account/password")
+def change_password(
+    request: Request,
+    db: DbSession,
+    settings: SettingsDep,
+    principal: CurrentPrincipal,
+    current_password: Annotated[str, Form(max_length=1024)],
+    new_password: Annotated[str, Form(max_length=1024)],
+    confirm_password: Annotated[str, Form(max_length=1024)],
+) -> Response:
+    """Change your own password; every other session of yours is signed out."""
+    if principal.via_token:
+        raise HTTPException(400, "Passwords are changed in the browser, not with an API token.")
+    user = principal.user
+    try:
+        # The same check (and throttle) as the login form: a borrowed session must not
+        # become a way to guess the password.
+        service.authenticate(
+            db, settings, username=user.username, password=current_password, ip=client_ip(request)
+        )
+        if new_password != confirm_password:
+            raise PasswordPolicyError("The two new passwords differ.")
+        service.set_password(db, user, new_password, actor_id=user.id)
+    except (service.AuthError, PasswordPolicyError) as exc:
+        message = (
+            "Your current password is wrong."
+            if str(exc) == "Wrong username or password."
+            else str(exc)
+        )
+        status_code = 429 if isinstance(exc, service.ThrottledError) else 422
+        db.commit()  # keep the logged attempt
+        return render(
+            request, "auth/account.html", {"user": user, "error": message}, status_code=status_code
+        )
+    # set_password ended every session, this one included: start a fresh one for this browser.
+    token = service.create_session(
+        db, settings, user, ip=client_ip(request), user_agent=request.headers.get("user-agent")
+    )
+    db.commit()
+    response = RedirectResponse("/account?changed=1", status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        httponly=True,
+        samesite="lax",
+        secure=settings.cookie_secure,
+        max_age=settings.session_max_hours * 3600,
+    )
+    return response
