@@ -187,7 +187,8 @@ def test_logout_kills_the_session_and_the_cookie_cannot_be_replayed(client, as_r
     csrf = as_role("admin")
     cookie = client.cookies.get(SESSION_COOKIE)
     response = client.post("/logout", data={"csrf_token": csrf}, follow_redirects=False)
-    assert response.status_code == 303 and response.headers["location"] == "/login"
+    assert response.status_code == 303 and response.headers["location"] == "/login?signed_out=1"
+    assert "You are signed out." in client.get("/login?signed_out=1").text
     assert db.scalar(select(func.count()).select_from(UserSession)) == 0
     client.cookies.clear()
     client.cookies.set(SESSION_COOKIE, cookie)  # an attacker replays the old cookie

@@ -129,7 +129,7 @@ def test_each_role_reaches_exactly_its_routes(client, sign_in, role):
 def test_logout_is_open_to_every_signed_in_role(client, sign_in, role):
     csrf = sign_in(role)
     response = call(client, "POST", "/logout", csrf)
-    assert response.status_code == 303 and response.headers["location"] == "/login"
+    assert response.status_code == 303 and response.headers["location"] == "/login?signed_out=1"
 
 
 def test_anonymous_post_to_a_signed_in_route_gets_401(client, sign_in):

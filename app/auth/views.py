@@ -143,10 +143,10 @@ def logout(request: Request, db: DbSession, principal: CurrentPrincipal) -> Resp
         raise HTTPException(400, "API tokens are revoked on the tokens page, not logged out.")
     service.end_session(db, request.cookies.get(SESSION_COOKIE, ""))
     db.commit()
-    response = RedirectResponse("/login", status_code=303)
+    response = RedirectResponse("/login?signed_out=1", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
     if is_htmx(request):
-        response.headers["HX-Redirect"] = "/login"
+        response.headers["HX-Redirect"] = "/login?signed_out=1"
     return response
 
 
