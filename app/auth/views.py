@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from starlette.responses import RedirectResponse, Response
 
 from app.auth import service
-from app.auth.models import Role
+from app.auth.models import Role, User
 from app.auth.passwords import PasswordPolicyError
 from app.web import (
     ANY_ROLE,
@@ -80,6 +80,24 @@ def _login_page(
     return response
 
 
+def _start_session(
+    request: Request, response: Response, db: DbSession, settings: SettingsDep, user: User
+) -> None:
+    """Create a session row, commit it, and hand its token to the browser as a cookie."""
+    token = service.create_session(
+        db, settings, user, ip=client_ip(request), user_agent=request.headers.get("user-agent")
+    )
+    db.commit()
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        httponly=True,
+        samesite="lax",
+        secure=settings.cookie_secure,
+        max_age=settings.session_max_hours * 3600,
+    )
+
+
 @public_router.get("/login")
 def login_form(
     request: Request, principal: OptionalPrincipal, settings: SettingsDep, next: str | None = None
@@ -119,19 +137,8 @@ def login(
     # A new session id at every login: a planted cookie cannot be promoted (session fixation).
     if old := request.cookies.get(SESSION_COOKIE):
         service.end_session(db, old)
-    token = service.create_session(
-        db, settings, user, ip=client_ip(request), user_agent=request.headers.get("user-agent")
-    )
-    db.commit()
     response = RedirectResponse(_safe_next(next) or home_path(user.role), status_code=303)
-    response.set_cookie(
-        SESSION_COOKIE,
-        token,
-        httponly=True,
-        samesite="lax",
-        secure=settings.cookie_secure,
-        max_age=settings.session_max_hours * 3600,
-    )
+    _start_session(request, response, db, settings, user)
     response.delete_cookie(LOGIN_CSRF_COOKIE)
     return response
 
@@ -237,17 +244,6 @@ def change_password(
             request, "auth/account.html", {"user": user, "error": message}, status_code=status_code
         )
     # set_password ended every session, this one included: start a fresh one for this browser.
-    token = service.create_session(
-        db, settings, user, ip=client_ip(request), user_agent=request.headers.get("user-agent")
-    )
-    db.commit()
     response = RedirectResponse("/account?changed=1", status_code=303)
-    response.set_cookie(
-        SESSION_COOKIE,
-        token,
-        httponly=True,
-        samesite="lax",
-        secure=settings.cookie_secure,
-        max_age=settings.session_max_hours * 3600,
-    )
+    _start_session(request, response, db, settings, user)
     return response
