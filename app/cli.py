@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from app.auth import service as auth_service
 from app.auth.models import Role, User
 from app.auth.passwords import PasswordPolicyError
-from app.config import ConfigError, Settings, get_settings
+from app.config import Settings, get_settings
 from app.db import Database, redact_url
 
 cli = typer.Typer(
@@ -47,8 +47,6 @@ def load_settings() -> Settings:
         field = ".".join(str(part) for part in error.get("loc", ()))
         message = error["msg"].removeprefix("Value error, ")
         fail(f"{'PREFLOOP_' + field.upper() + ': ' if field else ''}{message}", 2)
-    except ConfigError as exc:
-        fail(str(exc), 2)
 
 
 def open_database(settings: Settings, *, require_schema: bool = True) -> Database:

@@ -12,6 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+# The checkout (or /app in the image): templates/, static/, alembic.ini and migrations/ live here.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
 # Values people paste from examples; a production secret must not be one of these.
 PLACEHOLDER_SECRETS = frozenset(
     {

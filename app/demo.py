@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.auth import service as auth_service
-from app.auth.models import Role, UserSession
+from app.auth.models import Role
 from app.campaigns.models import Campaign, CampaignGuidelines, CampaignMode
 from app.labeling.models import Completion, CompletionSource, Prompt, Task, TaskCompletion
 
@@ -57,8 +57,7 @@ def reset_demo_accounts(session: Session) -> list[tuple[str, str, str]]:
                 session, username=username, role=role, password=password
             )
         else:
-            auth_service.set_password(session, user, password, actor_id=None)
-            session.query(UserSession).filter(UserSession.user_id == user.id).delete()
+            auth_service.set_password(session, user, password, actor_id=None)  # ends its sessions
             if not user.is_active:
                 auth_service.set_active(session, user, True, actor_id=None, reason="demo reset")
         accounts.append((username, user.role.value, password))

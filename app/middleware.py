@@ -66,7 +66,7 @@ class BodySizeLimitMiddleware:
             return
         limit = (
             self.upload_max_bytes
-            if scope["path"].startswith(self.upload_prefixes or ("\0",))
+            if self.upload_prefixes and scope["path"].startswith(self.upload_prefixes)
             else self.max_bytes
         )
         for name, value in scope["headers"]:

@@ -8,11 +8,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from app.web import ROOT
+from app.config import PROJECT_ROOT
 
 
 def alembic_config() -> Config:
-    return Config(str(ROOT / "alembic.ini"))
+    return Config(str(PROJECT_ROOT / "alembic.ini"))
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

@@ -12,7 +12,6 @@ import hmac
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
@@ -23,9 +22,9 @@ from starlette.responses import HTMLResponse, Response
 from app import __version__
 from app.auth import service as auth_service
 from app.auth.models import Role, User, UserSession
-from app.config import Settings
+from app.config import PROJECT_ROOT, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = PROJECT_ROOT
 SESSION_COOKIE = "prefloop_session"
 LOGIN_CSRF_COOKIE = "prefloop_login_csrf"
 CSRF_HEADER = "X-CSRF-Token"

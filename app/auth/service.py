@@ -36,6 +36,12 @@ class AuthError(Exception):
     """A refusal the user may see; the message is safe to show."""
 
 
+class WrongCredentialsError(AuthError):
+    def __init__(self) -> None:
+        # One message for every cause, so the page does not confirm which accounts exist.
+        super().__init__("Wrong username or password.")
+
+
 class ThrottledError(AuthError):
     def __init__(self, retry_after: int) -> None:
         super().__init__("Too many failed logins. Try again later.")
@@ -193,10 +199,9 @@ def authenticate(
     )
     if reason is not None:
         session.flush()
-        # One message for every cause, so the page does not confirm which accounts exist.
         if reason == "disabled":
             raise AuthError("This account is disabled. Ask an admin to re-enable it.")
-        raise AuthError("Wrong username or password.")
+        raise WrongCredentialsError()
     assert user is not None and user.password_hash is not None
     if needs_rehash(user.password_hash):
         user.password_hash = hash_password(password)

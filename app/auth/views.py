@@ -233,11 +233,8 @@ def change_password(
             raise PasswordPolicyError("The two new passwords differ.")
         service.set_password(db, user, new_password, actor_id=user.id)
     except (service.AuthError, PasswordPolicyError) as exc:
-        message = (
-            "Your current password is wrong."
-            if str(exc) == "Wrong username or password."
-            else str(exc)
-        )
+        wrong = isinstance(exc, service.WrongCredentialsError)
+        message = "Your current password is wrong." if wrong else str(exc)
         status_code = 429 if isinstance(exc, service.ThrottledError) else 422
         db.commit()  # keep the logged attempt
         return render(
