@@ -204,9 +204,11 @@ CurrentUser = Annotated[User, Depends(current_user)]
 # --- navigation and rendering -----------------------------------------------------------------
 
 NAVIGATION: dict[Role, list[tuple[str, str]]] = {
-    Role.labeler: [("Labeling", "/label")],
+    Role.labeler: [("Labeling", "/label"), ("My judgments", "/label/history")],
     Role.admin: [
         ("Admin", "/admin"),
+        ("Campaigns", "/admin/campaigns"),
+        ("Imports", "/admin/imports"),
         ("Users", "/admin/users"),
         ("Research", "/research"),
         ("API tokens", "/tokens"),

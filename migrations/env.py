@@ -36,6 +36,15 @@ def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
     return False
 
 
+# Indexes with a sort direction (ix_tasks_claim: priority DESC). SQLite reflects them without
+# the direction, so there `alembic check` would report them as changed on every run.
+DIRECTIONAL_INDEXES = frozenset({"ix_tasks_claim"})
+
+
+def include_on_sqlite(obj: Any, name: str | None, type_: str, *_: Any) -> bool:
+    return not (type_ == "index" and name in DIRECTIONAL_INDEXES)
+
+
 def run_migrations_offline() -> None:
     context.configure(
         url=database_url(),
@@ -65,6 +74,7 @@ def _run(connection: Any) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite rebuilds tables to ALTER
         render_item=render_item,
+        include_object=include_on_sqlite if connection.dialect.name == "sqlite" else None,
         compare_type=True,
     )
     with context.begin_transaction():

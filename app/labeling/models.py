@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -88,10 +89,12 @@ class Task(Base):
 
     __tablename__ = "tasks"
     __table_args__ = (
-        # The "next task for a labeler" query walks this index.
-        Index("ix_tasks_next", "campaign_id", "status", "priority", "id"),
+        # The claim query walks this index in serving order: highest priority, then oldest.
+        Index("ix_tasks_claim", "campaign_id", "status", "is_gold", text("priority DESC"), "id"),
+        Index("ix_tasks_campaign_id_content_hash", "campaign_id", "content_hash"),
         CheckConstraint("required_judgments >= 1", name="required_positive"),
         CheckConstraint("judgment_count >= 0", name="judgment_count_nonnegative"),
+        CheckConstraint("assigned_count >= 0", name="assigned_count_nonnegative"),
     )
 
     id: Mapped[IdPK]
@@ -105,6 +108,11 @@ class Task(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)  # higher is served first
     required_judgments: Mapped[int] = mapped_column(Integer, default=1)
     judgment_count: Mapped[int] = mapped_column(Integer, default=0)  # current, non-superseded
+    # Labelers holding a slot: live leases plus submitted judgments. Exact overlap means
+    # a task is claimable only while assigned_count < required_judgments.
+    assigned_count: Mapped[int] = mapped_column(Integer, default=0)
+    # sha256 of the prompt and its completions, so a re-import skips what exists.
+    content_hash: Mapped[str | None] = mapped_column(String(64))
     is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
     # The expected ranking for gold tasks: tiers of completion ids, best first.
     gold_ranking: Mapped[list[list[int]] | None] = mapped_column(JSONType)
@@ -144,6 +152,8 @@ class Assignment(Base):
 
     __tablename__ = "assignments"
     __table_args__ = (
+        # Never the same task twice to one labeler, whatever happened to the first lease.
+        UniqueConstraint("task_id", "user_id"),
         Index("ix_assignments_user_id_state", "user_id", "state"),
         Index("ix_assignments_task_id_state", "task_id", "state"),
         Index("ix_assignments_state_lease_expires_at", "state", "lease_expires_at"),
@@ -162,6 +172,7 @@ class Assignment(Base):
     leased_at: Mapped[CreatedAt]
     lease_expires_at: Mapped[dt.datetime]
     finished_at: Mapped[dt.datetime | None]
+    skip_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Judgment(Base):
@@ -173,6 +184,7 @@ class Judgment(Base):
         Index("ix_judgments_user_id_created_at", "user_id", "created_at"),
         CheckConstraint("pairwise_strength BETWEEN -3 AND 3", name="strength_range"),
         CheckConstraint("time_on_task_ms >= 0", name="time_nonnegative"),
+        CheckConstraint("confidence BETWEEN 1 AND 5", name="confidence_range"),
     )
 
     id: Mapped[IdPK]
@@ -193,6 +205,7 @@ class Judgment(Base):
         JSONType, default=dict
     )  # completion id -> flags
     comment: Mapped[str] = mapped_column(Text, default="")
+    confidence: Mapped[int | None] = mapped_column(Integer)  # 1 (guess) .. 5 (certain)
     # Demonstration mode: the completion the labeler wrote.
     demonstration_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("completions.id"))
     time_on_task_ms: Mapped[int] = mapped_column(Integer, default=0)
