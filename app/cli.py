@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.auth import service as auth_service
 from app.auth.models import Role, User
 from app.auth.passwords import PasswordPolicyError
-from app.config import Settings, get_settings
 from app.campaigns.cli import campaign_cli
 from app.cli_support import fail, load_settings, open_database
-from app.db import Database, redact_url
+from app.config import get_settings
+from app.db import redact_url
 from app.labeling.import_cli import import_file
 
 cli = typer.Typer(
