@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +37,14 @@ def _wants_json(request: Request) -> bool:
     )
 
 
+def _local_path(url: str) -> str | None:
+    """The path and query of a URL, or None; only ever a path on this site."""
+    parts = urlsplit(url)
+    if not parts.path.startswith("/") or parts.path.startswith("//"):
+        return None
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
 def error_response(
     request: Request, status_code: int, message: str, headers: dict[str, str] | None = None
 ) -> Response:
@@ -67,8 +75,11 @@ def install_error_handlers(app: FastAPI) -> None:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         if is_htmx(request):
-            # htmx would swap a login page into a fragment; tell it to navigate instead.
-            return Response(status_code=401, headers={"HX-Redirect": "/login"})
+            # htmx would swap a login page into a fragment; tell it to navigate instead, and
+            # to come back to the page the request came from (a task keeps its lease).
+            back = _local_path(request.headers.get("HX-Current-URL", ""))
+            target = f"/login?next={quote(back, safe='/')}" if back else "/login"
+            return Response(status_code=401, headers={"HX-Redirect": target})
         if request.method == "GET":
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse(f"/login?next={quote(target, safe='/')}", status_code=303)

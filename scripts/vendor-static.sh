@@ -14,12 +14,14 @@
 set -euo pipefail
 
 HTMX_VERSION="2.0.11"
+SORTABLE_VERSION="1.15.7"
 
 # One entry per vendored file:  npm-package@version:path-inside-package:destination
 # (destination is relative to static/vendor/; scoped packages such as
 #  @scope/name@1.2.3 work too, as their names contain no colon)
 VENDORED=(
   "htmx.org@${HTMX_VERSION}:dist/htmx.min.js:htmx.min.js"
+  "sortablejs@${SORTABLE_VERSION}:Sortable.min.js:Sortable.min.js"
 )
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

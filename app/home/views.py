@@ -14,7 +14,6 @@ from app.exports.models import ExportSnapshot
 from app.labeling.models import Comparison, Task, TaskStatus
 from app.web import DbSession, render, require_roles
 
-labeler_router = APIRouter(dependencies=[Depends(require_roles(Role.labeler))])
 admin_router = APIRouter(dependencies=[Depends(require_roles(Role.admin))])
 research_router = APIRouter(dependencies=[Depends(require_roles(Role.researcher, Role.admin))])
 
@@ -36,14 +35,6 @@ def campaign_rows(db: Session, *, active_only: bool) -> list[dict[str, object]]:
         {"campaign": campaign, "open_tasks": n_open, "comparisons": n_comparisons}
         for campaign, n_open, n_comparisons in db.execute(query)
     ]
-
-
-@labeler_router.get("/label")
-def labeler_home(request: Request, db: DbSession) -> Response:
-    """The labeler's queue: active campaigns and how much work waits in each."""
-    return render(
-        request, "home/labeler.html", {"campaigns": campaign_rows(db, active_only=True)}, db=db
-    )
 
 
 @admin_router.get("/admin")

@@ -1,0 +1,728 @@
+"""Serving tasks to labelers and storing their answers.
+
+Assignment is exact-overlap: a task is served to at most `required_judgments` distinct
+labelers, counting live leases and submitted judgments (`Task.assigned_count`), and never
+twice to one labeler (a unique constraint on assignments). On PostgreSQL a claim is one
+`UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED)` statement, so concurrent
+labelers never wait on each other's rows; on SQLite every write transaction is serialized
+(BEGIN IMMEDIATE), which makes the same statement correct.
+
+Submits are idempotent: the key rendered with the task becomes the judgment's idempotency
+key, so a double click or a retry stores one judgment and answers the same.
+
+Functions only add and flush; the request (or test) owns the transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import random
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from itertools import combinations
+
+from sqlalchemy import and_, case, exists, func, select, text, update
+from sqlalchemy.orm import Session, aliased
+
+from app.audit import service as audit
+from app.auth.models import User
+from app.campaigns.models import Campaign, CampaignMode, CampaignStatus
+from app.db import utcnow
+from app.labeling.models import (
+    Assignment,
+    AssignmentState,
+    Comparison,
+    ComparisonSource,
+    Completion,
+    CompletionSource,
+    Judgment,
+    Prompt,
+    Task,
+    TaskCompletion,
+    TaskStatus,
+)
+from app.labeling.schemas import EditIn, JudgmentIn
+
+RATING_RANGE = range(1, 8)
+# PostgreSQL advisory lock key for the lease sweep: one sweeper at a time, others skip it.
+SWEEP_LOCK_KEY = 0x70666C_01
+
+
+class LabelingError(Exception):
+    """A request the labeler can understand and fix; `status_code` is its HTTP status."""
+
+    status_code = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(LabelingError):
+    status_code = 404
+
+
+class Forbidden(LabelingError):
+    status_code = 403
+
+
+class Conflict(LabelingError):
+    status_code = 409
+
+
+class InvalidAnswer(LabelingError):
+    status_code = 422
+
+
+@dataclass(frozen=True)
+class ServedTask:
+    """A leased task as the labeler sees it: completions in their display order."""
+
+    assignment: Assignment
+    task: Task
+    campaign: Campaign
+    prompt: Prompt
+    completions: list[Completion]  # display order
+
+
+# --- pure helpers -------------------------------------------------------------------------
+
+
+def answer_hash(answer: JudgmentIn) -> str:
+    """A stable hash of what the answer says, to tell a retry from a different answer."""
+    canonical = json.dumps(answer.fingerprint(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def validate_ranking(ranking: list[list[int]], completion_ids: list[int], *, allow_ties: bool):
+    """A ranking must order exactly the task's completions, each once, ties only if allowed."""
+    if any(not tier for tier in ranking):
+        raise InvalidAnswer("the ranking has an empty tier")
+    ranked = [cid for tier in ranking for cid in tier]
+    if len(ranked) != len(set(ranked)):
+        raise InvalidAnswer("the ranking lists a completion twice")
+    if set(ranked) != set(completion_ids):
+        missing = sorted(set(completion_ids) - set(ranked))
+        unknown = sorted(set(ranked) - set(completion_ids))
+        parts = []
+        if missing:
+            parts.append(f"missing completions {missing}")
+        if unknown:
+            parts.append(f"completions {unknown} are not in this task")
+        raise InvalidAnswer(
+            "the ranking must order exactly this task's completions: " + "; ".join(parts)
+        )
+    if not allow_ties and any(len(tier) > 1 for tier in ranking):
+        raise InvalidAnswer("this campaign does not allow ties")
+
+
+def pairs_from_ranking(
+    ranking: list[list[int]], *, margin: float | None = None
+) -> list[tuple[int, int, bool, float | None]]:
+    """All K-choose-2 pairs of a tiered ranking: (chosen, rejected, is_tie, margin).
+
+    Tied completions give one pair marked as a tie (in id order), so exports can drop ties or
+    keep them as margin 0.
+    """
+    pairs = []
+    for i, upper in enumerate(ranking):
+        for a, b in combinations(sorted(upper), 2):
+            pairs.append((a, b, True, 0.0 if margin is not None else None))
+        for lower in ranking[i + 1 :]:
+            for a in upper:
+                for b in lower:
+                    pairs.append((a, b, False, margin))
+    return pairs
+
+
+def strength_to_ranking(strength: int, shown: list[int]) -> list[list[int]]:
+    """Pairwise strength (negative = A, the first shown, is better) as a ranking."""
+    a, b = shown
+    if strength < 0:
+        return [[a], [b]]
+    if strength > 0:
+        return [[b], [a]]
+    return [[a, b]]
+
+
+def check_answer(
+    campaign: Campaign, completion_ids: list[int], shown: list[int], answer: JudgmentIn
+):
+    """Validate an answer against the task and campaign; returns the ranking to store."""
+    allowed_flags = set(campaign.flags)
+    for cid, flags in answer.flags.items():
+        if cid not in completion_ids:
+            raise InvalidAnswer(f"flags given for completion {cid}, which is not in this task")
+        unknown = sorted(set(flags) - allowed_flags)
+        if unknown:
+            raise InvalidAnswer(
+                f"unknown flags {unknown}; this campaign's flags are {campaign.flags}"
+            )
+    for cid, rating in answer.ratings.items():
+        if cid not in completion_ids:
+            raise InvalidAnswer(f"rating given for completion {cid}, which is not in this task")
+        if rating not in RATING_RANGE:
+            raise InvalidAnswer("ratings go from 1 to 7")
+
+    if campaign.mode is CampaignMode.rank:
+        if answer.ranking is None:
+            raise InvalidAnswer("a ranking is required")
+        if answer.strength is not None or answer.demonstration is not None:
+            raise InvalidAnswer("a rank task takes a ranking only")
+        validate_ranking(answer.ranking, completion_ids, allow_ties=campaign.allow_ties)
+        return answer.ranking
+    if campaign.mode is CampaignMode.pairwise:
+        if answer.strength is None:
+            raise InvalidAnswer("a strength from -3 to 3 is required")
+        if answer.ranking is not None or answer.demonstration is not None:
+            raise InvalidAnswer("a pairwise task takes a strength only")
+        if len(shown) != 2:
+            raise InvalidAnswer("a pairwise task needs exactly two completions")
+        if answer.strength == 0 and not campaign.allow_ties:
+            raise InvalidAnswer("this campaign does not allow ties: choose A or B")
+        return strength_to_ranking(answer.strength, shown)
+    # Demonstration.
+    if not (answer.demonstration or "").strip():
+        raise InvalidAnswer("write a response before submitting")
+    if answer.ranking is not None or answer.strength is not None:
+        raise InvalidAnswer("a demonstration task takes a written response only")
+    return None
+
+
+# --- leases -------------------------------------------------------------------------------
+
+
+def expire_leases(db: Session, *, now: dt.datetime | None = None) -> int:
+    """Mark leases past their expiry as expired and free their slots. Returns how many."""
+    now = now or utcnow()
+    if db.get_bind().dialect.name == "postgresql" and not db.scalar(
+        text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SWEEP_LOCK_KEY}
+    ):
+        return 0  # another transaction is sweeping right now
+    task_ids = db.scalars(
+        update(Assignment)
+        .where(Assignment.state == AssignmentState.active, Assignment.lease_expires_at < now)
+        .values(state=AssignmentState.expired, finished_at=now)
+        .returning(Assignment.task_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    for task_id, freed in sorted(Counter(task_ids).items()):  # sorted: a stable lock order
+        db.execute(
+            update(Task)
+            .where(Task.id == task_id)
+            .values(assigned_count=Task.assigned_count - freed)
+            .execution_options(synchronize_session=False)
+        )
+    return len(task_ids)
+
+
+def _lock_user(db: Session, user_id: int) -> None:
+    # One labeler's claims run one at a time (a no-op on SQLite, whose writes are serialized).
+    db.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
+
+
+def active_lease(db: Session, *, user_id: int, campaign_id: int) -> Assignment | None:
+    """The labeler's live lease in this campaign, if any (a reload serves it again)."""
+    return db.scalar(
+        select(Assignment)
+        .join(Task, Task.id == Assignment.task_id)
+        .where(
+            Assignment.user_id == user_id,
+            Assignment.state == AssignmentState.active,
+            Task.campaign_id == campaign_id,
+        )
+        .order_by(Assignment.id.desc())
+        .limit(1)
+    )
+
+
+def _claim(db: Session, *, user_id: int, campaign_id: int, gold: bool) -> int | None:
+    """Take a slot on the best available task in one statement; returns its id."""
+    candidate = aliased(Task)
+    seen = exists().where(Assignment.task_id == candidate.id, Assignment.user_id == user_id)
+    conditions = [
+        candidate.campaign_id == campaign_id,
+        candidate.status == TaskStatus.open,
+        candidate.is_gold == gold,
+        ~seen,
+    ]
+    if not gold:  # gold tasks go to every labeler once; they have no overlap limit
+        conditions.append(candidate.assigned_count < candidate.required_judgments)
+    pick = (
+        select(candidate.id)
+        .where(*conditions)
+        .order_by(candidate.priority.desc(), candidate.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return db.scalar(
+        update(Task)
+        .where(Task.id == pick)
+        .values(assigned_count=Task.assigned_count + 1)
+        .returning(Task.id)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def next_task(
+    db: Session,
+    *,
+    user: User,
+    campaign: Campaign,
+    now: dt.datetime | None = None,
+    rng: random.Random | None = None,
+) -> Assignment | None:
+    """The labeler's current lease in the campaign, or a new one; None when nothing is left."""
+    now = now or utcnow()
+    rng = rng or random.SystemRandom()
+    if campaign.status != CampaignStatus.active:
+        raise Conflict(
+            f"campaign '{campaign.slug}' is {CampaignStatus(campaign.status)}, not active"
+        )
+    _lock_user(db, user.id)
+    lease = active_lease(db, user_id=user.id, campaign_id=campaign.id)
+    if lease is not None:
+        # Its slot is still counted, so renewing it takes nothing from anyone.
+        lease.lease_expires_at = now + dt.timedelta(minutes=campaign.lease_minutes)
+        db.flush()
+        return lease
+    expire_leases(db, now=now)
+    want_gold = campaign.gold_rate > 0 and rng.random() < campaign.gold_rate
+    task_id = _claim(db, user_id=user.id, campaign_id=campaign.id, gold=want_gold)
+    if task_id is None and want_gold:
+        task_id = _claim(db, user_id=user.id, campaign_id=campaign.id, gold=False)
+    if task_id is None:
+        return None
+    completion_ids = list(
+        db.scalars(
+            select(TaskCompletion.completion_id)
+            .where(TaskCompletion.task_id == task_id)
+            .order_by(TaskCompletion.position)
+        )
+    )
+    rng.shuffle(completion_ids)
+    assignment = Assignment(
+        task_id=task_id,
+        user_id=user.id,
+        state=AssignmentState.active,
+        display_order=completion_ids,
+        submit_key=secrets.token_urlsafe(24),
+        leased_at=now,
+        lease_expires_at=now + dt.timedelta(minutes=campaign.lease_minutes),
+    )
+    db.add(assignment)
+    db.flush()
+    return assignment
+
+
+def serve(db: Session, assignment: Assignment) -> ServedTask:
+    """Load what the task page (or API) shows for a lease."""
+    task = db.get_one(Task, assignment.task_id)
+    campaign = db.get_one(Campaign, task.campaign_id)
+    prompt = db.get_one(Prompt, task.prompt_id)
+    by_id = {
+        c.id: c
+        for c in db.scalars(select(Completion).where(Completion.id.in_(assignment.display_order)))
+    }
+    return ServedTask(
+        assignment=assignment,
+        task=task,
+        campaign=campaign,
+        prompt=prompt,
+        completions=[by_id[cid] for cid in assignment.display_order],
+    )
+
+
+def _assignment_for(db: Session, *, user: User, submit_key: str) -> Assignment:
+    assignment = db.scalar(
+        select(Assignment)
+        .where(Assignment.submit_key == submit_key)
+        .with_for_update()
+        .execution_options(populate_existing=True)  # what the lock holds, not a cached copy
+    )
+    if assignment is None:
+        raise NotFound("no such task: it may have been reset; load the next one")
+    if assignment.user_id != user.id:
+        raise Forbidden("this task is leased to someone else")
+    return assignment
+
+
+def _retake_slot(db: Session, assignment: Assignment, task: Task, now: dt.datetime) -> None:
+    """An expired lease may still submit if its slot was not given to someone else."""
+    conditions = [Task.id == task.id]
+    if not task.is_gold:  # gold tasks have no overlap limit
+        conditions += [
+            Task.status == TaskStatus.open,
+            Task.assigned_count < Task.required_judgments,
+        ]
+    taken = db.execute(
+        update(Task)
+        .where(*conditions)
+        .values(assigned_count=Task.assigned_count + 1)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not taken:
+        raise Conflict(
+            "your lease on this task expired and it went to another labeler; "
+            "your answer was not saved"
+        )
+    assignment.state = AssignmentState.active
+
+
+def skip(
+    db: Session, *, user: User, submit_key: str, reason: str = "", now: dt.datetime | None = None
+) -> Assignment:
+    """Give the task back; it will not be served to this labeler again."""
+    now = now or utcnow()
+    assignment = _assignment_for(db, user=user, submit_key=submit_key)
+    if assignment.state is AssignmentState.skipped:
+        return assignment  # a retried skip
+    if assignment.state is AssignmentState.submitted:
+        raise Conflict("this task was already submitted")
+    if assignment.state is AssignmentState.active:
+        db.execute(
+            update(Task)
+            .where(Task.id == assignment.task_id)
+            .values(assigned_count=Task.assigned_count - 1)
+            .execution_options(synchronize_session=False)
+        )
+    assignment.state = AssignmentState.skipped
+    assignment.skip_reason = reason.strip() or None
+    assignment.finished_at = now
+    db.flush()
+    return assignment
+
+
+# --- judgments ----------------------------------------------------------------------------
+
+
+def _write_judgment(
+    db: Session,
+    *,
+    user: User,
+    task: Task,
+    campaign: Campaign,
+    answer: JudgmentIn,
+    ranking: list[list[int]] | None,
+    shown: list[int],
+    key: str,
+    assignment_id: int | None,
+    supersedes: Judgment | None,
+    now: dt.datetime,
+) -> Judgment:
+    demonstration_id = None
+    if campaign.mode is CampaignMode.demonstration:
+        demo_text = (answer.demonstration or "").strip()
+        completion = Completion(
+            prompt_id=task.prompt_id,
+            text=demo_text,
+            source=CompletionSource.human,
+            author_id=user.id,
+            content_hash=hashlib.sha256(demo_text.encode()).hexdigest(),
+        )
+        db.add(completion)
+        db.flush()
+        demonstration_id = completion.id
+    strength_in_task_order = None
+    if campaign.mode is CampaignMode.pairwise and answer.strength is not None:
+        canonical = [tc.completion_id for tc in task.items]
+        flipped = shown != canonical
+        strength_in_task_order = -answer.strength if flipped else answer.strength
+    judgment = Judgment(
+        task_id=task.id,
+        campaign_id=campaign.id,
+        assignment_id=assignment_id,
+        user_id=user.id,
+        ranking=ranking,
+        pairwise_strength=strength_in_task_order,
+        ratings={str(k): v for k, v in answer.ratings.items()},
+        flags={str(k): sorted(set(v)) for k, v in answer.flags.items() if v},
+        comment=answer.comment.strip(),
+        confidence=answer.confidence,
+        demonstration_id=demonstration_id,
+        time_on_task_ms=answer.time_on_task_ms,
+        display_order=shown,
+        guidelines_version=campaign.guidelines_version,
+        idempotency_key=key,
+        payload_hash=answer_hash(answer),
+        supersedes_id=supersedes.id if supersedes else None,
+        is_current=True,
+        created_at=now,
+    )
+    db.add(judgment)
+    db.flush()
+    if ranking is not None:
+        margin = float(abs(answer.strength)) if answer.strength is not None else None
+        db.add_all(
+            Comparison(
+                campaign_id=campaign.id,
+                prompt_id=task.prompt_id,
+                judgment_id=judgment.id,
+                user_id=user.id,
+                chosen_id=chosen,
+                rejected_id=rejected,
+                is_tie=is_tie,
+                margin=pair_margin,
+                source=ComparisonSource.human,
+                is_active=True,
+                created_at=now,
+            )
+            for chosen, rejected, is_tie, pair_margin in pairs_from_ranking(ranking, margin=margin)
+        )
+        db.flush()
+    return judgment
+
+
+def _replay(db: Session, *, user: User, key: str, answer: JudgmentIn) -> Judgment | None:
+    """The judgment already stored under this key, if the answer is the same; else 409."""
+    existing = db.scalar(select(Judgment).where(Judgment.idempotency_key == key))
+    if existing is None:
+        return None
+    if existing.user_id != user.id:
+        raise Forbidden("this key belongs to someone else's judgment")
+    if existing.payload_hash != answer_hash(answer):
+        raise Conflict(
+            "this task was already submitted with a different answer; "
+            "open it from your history to edit it"
+        )
+    return existing
+
+
+def submit(
+    db: Session,
+    *,
+    user: User,
+    submit_key: str,
+    answer: JudgmentIn,
+    now: dt.datetime | None = None,
+    ip: str | None = None,
+) -> tuple[Judgment, bool]:
+    """Store the answer to a leased task with its comparisons; (judgment, created)."""
+    now = now or utcnow()
+    assignment = _assignment_for(db, user=user, submit_key=submit_key)
+    if (replayed := _replay(db, user=user, key=submit_key, answer=answer)) is not None:
+        return replayed, False
+    if assignment.state is AssignmentState.skipped:
+        raise Conflict("you skipped this task; it can no longer be submitted")
+    if assignment.state is AssignmentState.submitted:
+        raise Conflict("this task was already submitted")  # under another key: cannot happen
+    task = db.get_one(Task, assignment.task_id)
+    campaign = db.get_one(Campaign, task.campaign_id)
+    if task.status is TaskStatus.retired:
+        raise Conflict("this task was withdrawn by an admin; load the next one")
+    completion_ids = [tc.completion_id for tc in task.items]
+    ranking = check_answer(campaign, completion_ids, assignment.display_order, answer)
+    if assignment.state is not AssignmentState.active:  # expired or released
+        _retake_slot(db, assignment, task, now)
+    # Clamp the client's clock to the server's: no longer than the lease has existed.
+    elapsed_ms = int((now - assignment.leased_at).total_seconds() * 1000)
+    answer = answer.model_copy(
+        update={"time_on_task_ms": min(answer.time_on_task_ms, max(elapsed_ms, 0))}
+    )
+    judgment = _write_judgment(
+        db,
+        user=user,
+        task=task,
+        campaign=campaign,
+        answer=answer,
+        ranking=ranking,
+        shown=assignment.display_order,
+        key=submit_key,
+        assignment_id=assignment.id,
+        supersedes=None,
+        now=now,
+    )
+    assignment.state = AssignmentState.submitted
+    assignment.finished_at = now
+    # SET expressions read the row's old values, so "+ 1 >=" is this judgment completing it.
+    completes = and_(Task.judgment_count + 1 >= Task.required_judgments, Task.is_gold.is_(False))
+    db.execute(
+        update(Task)
+        .where(Task.id == task.id)
+        .values(
+            judgment_count=Task.judgment_count + 1,
+            status=case((completes, TaskStatus.complete.value), else_=Task.status),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    db.expire(task, ["judgment_count", "status"])
+    audit.record(
+        db,
+        actor_id=user.id,
+        action="judgment.create",
+        entity_type="judgment",
+        entity_id=judgment.id,
+        after={"task_id": task.id, "ranking": ranking, "strength": answer.strength},
+        ip=ip,
+    )
+    return judgment, True
+
+
+def edit(
+    db: Session,
+    *,
+    user: User,
+    judgment_id: int,
+    answer: EditIn,
+    now: dt.datetime | None = None,
+    ip: str | None = None,
+) -> tuple[Judgment, bool]:
+    """Replace one of the labeler's judgments with a new version; the old one is kept."""
+    now = now or utcnow()
+    old = db.scalar(
+        select(Judgment)
+        .where(Judgment.id == judgment_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if old is None:
+        raise NotFound("no such judgment")
+    if old.user_id != user.id:
+        raise Forbidden("you can only edit your own judgments")
+    plain = JudgmentIn.model_validate(answer.model_dump(exclude={"idempotency_key"}))
+    if (replayed := _replay(db, user=user, key=answer.idempotency_key, answer=plain)) is not None:
+        return replayed, False
+    if not old.is_current:
+        raise Conflict("this judgment has a newer version; edit that one")
+    task = db.get_one(Task, old.task_id)
+    campaign = db.get_one(Campaign, task.campaign_id)
+    if task.status is TaskStatus.retired:
+        raise Conflict("this task was withdrawn by an admin and can no longer be edited")
+    completion_ids = [tc.completion_id for tc in task.items]
+    ranking = check_answer(campaign, completion_ids, old.display_order, plain)
+    old.is_current = False
+    db.execute(
+        update(Comparison)
+        .where(Comparison.judgment_id == old.id)
+        .values(is_active=False)
+        .execution_options(synchronize_session=False)
+    )
+    db.flush()
+    new = _write_judgment(
+        db,
+        user=user,
+        task=task,
+        campaign=campaign,
+        answer=plain,
+        ranking=ranking,
+        shown=old.display_order,
+        key=answer.idempotency_key,
+        assignment_id=old.assignment_id,
+        supersedes=old,
+        now=now,
+    )
+    audit.record(
+        db,
+        actor_id=user.id,
+        action="judgment.edit",
+        entity_type="judgment",
+        entity_id=new.id,
+        before={"judgment_id": old.id, "ranking": old.ranking, "strength": old.pairwise_strength},
+        after={"judgment_id": new.id, "ranking": new.ranking, "strength": new.pairwise_strength},
+        ip=ip,
+    )
+    return new, True
+
+
+# --- reading back -------------------------------------------------------------------------
+
+
+def get_judgment(db: Session, *, user: User, judgment_id: int) -> Judgment:
+    judgment = db.get(Judgment, judgment_id)
+    if judgment is None:
+        raise NotFound("no such judgment")
+    if judgment.user_id != user.id:
+        raise Forbidden("you can only see your own judgments")
+    return judgment
+
+
+def history(
+    db: Session, *, user_id: int, limit: int = 50, before_id: int | None = None
+) -> list[Judgment]:
+    """The labeler's current judgments, newest first."""
+    query = (
+        select(Judgment)
+        .where(Judgment.user_id == user_id, Judgment.is_current.is_(True))
+        .order_by(Judgment.id.desc())
+        .limit(limit)
+    )
+    if before_id is not None:
+        query = query.where(Judgment.id < before_id)
+    return list(db.scalars(query))
+
+
+def versions(db: Session, judgment: Judgment) -> list[Judgment]:
+    """Every version of a judgment, oldest first, following the supersedes chain back."""
+    chain = [judgment]
+    while chain[0].supersedes_id is not None:
+        chain.insert(0, db.get_one(Judgment, chain[0].supersedes_id))
+    return chain
+
+
+def shown_strength(judgment: Judgment, task: Task) -> int | None:
+    """The stored strength (task order) in the order this labeler saw the pair."""
+    if judgment.pairwise_strength is None:
+        return None
+    canonical = [tc.completion_id for tc in task.items]
+    return (
+        -judgment.pairwise_strength
+        if judgment.display_order != canonical
+        else judgment.pairwise_strength
+    )
+
+
+@dataclass(frozen=True)
+class Progress:
+    today: int
+    total: int
+    available: int  # tasks this labeler could still be served
+
+
+def progress(db: Session, *, user_id: int, campaign_ids: list[int], now: dt.datetime | None = None):
+    """Per campaign: the labeler's judgments today and overall, and what is left for them."""
+    now = now or utcnow()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    counts = {
+        cid: (today or 0, total)
+        for cid, today, total in db.execute(
+            select(
+                Judgment.campaign_id,
+                func.count().filter(Judgment.created_at >= midnight),
+                func.count(),
+            )
+            .where(
+                Judgment.user_id == user_id,
+                Judgment.supersedes_id.is_(None),
+                Judgment.campaign_id.in_(campaign_ids),
+            )
+            .group_by(Judgment.campaign_id)
+        )
+    }
+    seen = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user_id)
+    available = dict(
+        db.execute(
+            select(Task.campaign_id, func.count())
+            .where(
+                Task.campaign_id.in_(campaign_ids),
+                Task.status == TaskStatus.open,
+                Task.is_gold.is_(False),
+                Task.assigned_count < Task.required_judgments,
+                ~seen,
+            )
+            .group_by(Task.campaign_id)
+        )
+        .tuples()
+        .all()
+    )
+    return {
+        cid: Progress(
+            today=int(counts.get(cid, (0, 0))[0]),
+            total=counts.get(cid, (0, 0))[1],
+            available=available.get(cid, 0),
+        )
+        for cid in campaign_ids
+    }
