@@ -101,7 +101,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         if _wants_json(request):
-            return JSONResponse({"error": "Invalid input", "detail": exc.errors()}, status_code=422)
+            # Only where and what: the raw input may be bytes (a form sent to a JSON endpoint)
+            # and has no business being echoed back.
+            detail = [
+                {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                for e in exc.errors()
+            ]
+            return JSONResponse({"error": "Invalid input", "detail": detail}, status_code=422)
         fields = ", ".join(sorted({str(e["loc"][-1]) for e in exc.errors() if e.get("loc")}))
         return error_response(request, 422, f"Some fields are missing or invalid: {fields}.")
 

@@ -37,8 +37,40 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/tokens"): {RESEARCHER, ADMIN},
     ("POST", "/tokens"): {RESEARCHER, ADMIN},
     ("POST", "/tokens/{token_id}/revoke"): {RESEARCHER, ADMIN},
+    # campaigns (admin pages)
+    ("GET", "/admin/campaigns"): {ADMIN},
+    ("POST", "/admin/campaigns"): {ADMIN},
+    ("GET", "/admin/campaigns/new"): {ADMIN},
+    ("POST", "/admin/campaigns/preview"): {ADMIN},
+    ("GET", "/admin/campaigns/{slug}"): {ADMIN},
+    ("POST", "/admin/campaigns/{slug}"): {ADMIN},
+    ("POST", "/admin/campaigns/{slug}/status"): {ADMIN},
+    # imports (admin upload page, API)
+    ("GET", "/admin/imports"): {ADMIN},
+    ("POST", "/admin/imports"): {ADMIN},
+    ("POST", "/api/v1/imports"): {ADMIN},
+    # labeling (pages and API)
+    ("GET", "/label/history"): {LABELER},
+    ("GET", "/label/{slug}"): {LABELER},
+    ("POST", "/label/{slug}/submit/{submit_key}"): {LABELER},
+    ("POST", "/label/{slug}/skip/{submit_key}"): {LABELER},
+    ("GET", "/label/judgments/{judgment_id}"): {LABELER},
+    ("POST", "/label/judgments/{judgment_id}"): {LABELER},
+    ("GET", "/api/v1/labeling/campaigns"): {LABELER},
+    ("POST", "/api/v1/campaigns/{slug}/next"): {LABELER},
+    ("POST", "/api/v1/assignments/{submit_key}/judgment"): {LABELER},
+    ("POST", "/api/v1/assignments/{submit_key}/skip"): {LABELER},
+    ("GET", "/api/v1/judgments"): {LABELER},
+    ("GET", "/api/v1/judgments/{judgment_id}"): {LABELER},
+    ("POST", "/api/v1/judgments/{judgment_id}/edit"): {LABELER},
 }
-SAMPLE_PARAMS = {"user_id": "999999", "token_id": "999999"}
+SAMPLE_PARAMS = {
+    "user_id": "999999",
+    "token_id": "999999",
+    "slug": "no-such-campaign",
+    "submit_key": "no-such-key-0123456789",
+    "judgment_id": "999999",
+}
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 
 
