@@ -8,12 +8,17 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__, api
+from app import models as _every_table  # noqa: F401  (the mappers need every table)
 from app.auth import admin_views as user_admin_views
 from app.auth import views as auth_views
+from app.campaigns import views as campaign_views
 from app.config import Settings, get_settings
 from app.db import Database
 from app.errors import install_error_handlers
 from app.home import views as home_views
+from app.labeling import api as labeling_api
+from app.labeling import import_views
+from app.labeling import views as labeling_views
 from app.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
 from app.web import ROOT
 
@@ -51,10 +56,13 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         auth_views.public_router,
         auth_views.session_router,
         auth_views.tokens_router,
-        home_views.labeler_router,
         home_views.admin_router,
         home_views.research_router,
         user_admin_views.router,
+        campaign_views.router,
+        import_views.router,
+        labeling_views.router,
+        labeling_api.router,
         api.router,
         api.health_router,
     ):

@@ -4,6 +4,10 @@
   "use strict";
 
   var timer = { started: 0, hiddenAt: null, hidden: 0 };
+  // A task swapped in after a submit ignores submits for this long: the second click of a
+  // double click (or a held Ctrl+Enter) must not answer a task the labeler has not seen.
+  var SETTLE_MS = 400;
+  var arrivedAt = 0;
 
   function one(selector, root) { return (root || document).querySelector(selector); }
   function all(selector, root) {
@@ -41,6 +45,7 @@
 
   function refresh(list) {
     var place = 0;
+    var count = cardsOf(list).length;
     cardsOf(list).forEach(function (card, index) {
       if (index === 0) card.dataset.tied = "false";
       var tied = card.dataset.tied === "true";
@@ -53,6 +58,10 @@
         toggle.setAttribute("aria-pressed", tied ? "true" : "false");
         toggle.disabled = index === 0;
       }
+      var up = one(".move-up", card);
+      if (up) up.disabled = index === 0;
+      var down = one(".move-down", card);
+      if (down) down.disabled = index === count - 1;
       card.classList.toggle("tied", tied);
       card.setAttribute("aria-label", "Completion " + card.dataset.label + ", place " + place +
         (tied ? ", tied with the one above" : ""));
@@ -155,24 +164,31 @@
     if (!form || form.dataset.ready) return;
     form.dataset.ready = "true";
     startTimer();
+    // htmx calls this with <body> for the page itself, and with the new #task after a swap.
+    arrivedAt = root === document.body || root === document ? 0 : Date.now();
     var list = one("#ranking", form);
     if (list) setUpRanking(list);
     var first = list ? cardsOf(list)[0] : null;
     if (first && !one(".flash-error")) first.focus({ preventScroll: true });
   }
 
+  var helpReturn = null; // what had the focus when the help opened
+
   function toggleHelp(show) {
     var help = one("#help");
     if (!help) return;
     var open = show === undefined ? help.hidden : show;
+    if (open === !help.hidden) return;
     help.hidden = !open;
     if (open) {
-      help.dataset.returnFocus = document.activeElement && document.activeElement.id || "";
+      helpReturn = document.activeElement;
       one(".close-help", help).focus();
-    } else if (document.activeElement && help.contains(document.activeElement)) {
-      var card = one("#ranking li.completion-card") || answerForm();
-      if (card && card.focus) card.focus();
+      return;
     }
+    var back = helpReturn && document.body.contains(helpReturn) && helpReturn !== document.body
+      ? helpReturn : one("#ranking li.completion-card");
+    helpReturn = null;
+    if (back) back.focus({ preventScroll: true });
   }
 
   function showSkip(show) {
@@ -194,6 +210,12 @@
   document.addEventListener("submit", function (event) {
     var form = event.target;
     if (form.id !== "answer-form") return;
+    if (form.classList.contains("htmx-request") || Date.now() - arrivedAt < SETTLE_MS) {
+      // Already on its way, or a click meant for the task that was just answered.
+      event.preventDefault();
+      event.stopPropagation(); // capture phase on document: htmx on the form never sees it
+      return;
+    }
     var time = one(".time-on-task", form);
     if (time) time.value = String(elapsed());
     var list = one("#ranking", form);
@@ -211,7 +233,7 @@
     if (!form) return;
     if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
       event.preventDefault();
-      if (!form.classList.contains("htmx-request")) form.requestSubmit();
+      if (!event.repeat) form.requestSubmit(); // the submit listener drops a double submit
       return;
     }
     if (event.key === "Escape") { toggleHelp(false); showSkip(false); return; }
@@ -224,12 +246,15 @@
     }
     var digit = /^[1-9]$/.test(event.key) ? parseInt(event.key, 10) : 0;
     if (form.dataset.mode === "pairwise") {
-      var options = all("input[name=strength]", form);
-      if (digit && digit <= options.length) {
-        event.preventDefault();
-        options[digit - 1].checked = true;
-        options[digit - 1].focus();
-        announce(options[digit - 1].parentNode.textContent.trim());
+      // 1..7 is the scale from -3 to 3 whatever is offered: 4 is "about the same", which a
+      // campaign without ties leaves out, and then 4 chooses nothing.
+      if (!digit) return;
+      event.preventDefault();
+      var option = one("input[name=strength][value='" + (digit - 4) + "']", form);
+      if (option) {
+        option.checked = true;
+        option.focus();
+        announce(option.parentNode.textContent.trim());
       }
       return;
     }
