@@ -111,8 +111,10 @@ def get_principal(request: Request, db: DbSession, settings: SettingsDep) -> Pri
     elif token := request.cookies.get(SESSION_COOKIE):
         row = auth_service.resolve_session(db, settings, token)
         principal = Principal.of(row.user, row) if row else None
-    # Persist the session touch (or the expiry) now, apart from the route's own transaction.
-    db.commit()
+    # Persist a session touch (or expiry) now, apart from the route's own transaction; most
+    # requests change nothing here, and they skip the extra round trip.
+    if db.dirty or db.deleted or db.new:
+        db.commit()
     request.state.principal = principal
     return principal
 

@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from app.audit import service as audit
 from app.auth.models import ApiToken, LoginAttempt, Role, User, UserSession
@@ -239,18 +239,17 @@ def resolve_session(session: Session, settings: Settings, token: str) -> UserSes
     """The live session for a cookie token, or None if unknown, expired or its user disabled."""
     if not token or len(token) > 128:
         return None
-    row = session.get(UserSession, sha256_hex(token))
+    row = session.get(UserSession, sha256_hex(token), options=[joinedload(UserSession.user)])
     if row is None:
         return None
     now = utcnow()
     idle_limit = row.last_seen_at + dt.timedelta(minutes=settings.session_idle_minutes)
+    # Changes here are left unflushed: the caller commits only when there are any.
     if now >= row.expires_at or now >= idle_limit or not row.user.is_active:
         session.delete(row)
-        session.flush()
         return None
     if now - row.last_seen_at >= SESSION_TOUCH_INTERVAL:
         row.last_seen_at = now
-        session.flush()
     return row
 
 
@@ -302,7 +301,11 @@ def resolve_api_token(session: Session, secret: str) -> User | None:
     """The user a bearer token belongs to, or None if it is unknown, revoked or expired."""
     if not secret.startswith(TOKEN_PREFIX) or len(secret) > 128:
         return None
-    token = session.scalar(select(ApiToken).where(ApiToken.token_hash == sha256_hex(secret)))
+    token = session.scalar(
+        select(ApiToken)
+        .where(ApiToken.token_hash == sha256_hex(secret))
+        .options(joinedload(ApiToken.user))  # one round trip: every API call comes here
+    )
     now = utcnow()
     if (
         token is None
@@ -313,8 +316,7 @@ def resolve_api_token(session: Session, secret: str) -> User | None:
     if not token.user.is_active:
         return None
     if token.last_used_at is None or now - token.last_used_at >= SESSION_TOUCH_INTERVAL:
-        token.last_used_at = now
-        session.flush()
+        token.last_used_at = now  # flushed by the caller's commit
     return token.user
 
 
