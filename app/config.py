@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     statement_timeout_ms: int = Field(
         30_000, ge=0, description="PostgreSQL statement_timeout for web requests (0 = none)."
     )
+    db_pool_size: int = Field(
+        16,
+        ge=1,
+        le=200,
+        description="Database connections per server process, and threads for request handlers.",
+    )
     log_level: str = Field("info", description="Python logging level.")
 
     @model_validator(mode="after")

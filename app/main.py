@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -31,7 +34,16 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Sync handlers run in AnyIO's thread pool (40 threads by default). More threads than
+        # connections only queue on the pool, and fight over the GIL while they wait.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="prefloop",
         version=__version__,
         docs_url=None,  # Swagger UI needs inline script and a CDN; the CSP allows neither
@@ -40,7 +52,11 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     )
     app.state.settings = settings
     app.state.db = database or Database(
-        settings.database_url, statement_timeout_ms=settings.statement_timeout_ms
+        settings.database_url,
+        statement_timeout_ms=settings.statement_timeout_ms,
+        # A fixed pool: overflow connections are closed when returned, so under load every
+        # request past the pool size would open (and tear down) a database session.
+        **({} if settings.is_sqlite else {"pool_size": settings.db_pool_size, "max_overflow": 0}),
     )
 
     app.add_middleware(

@@ -10,7 +10,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from app.audit import service as audit
@@ -297,15 +297,19 @@ def create_api_token(
     return NewToken(token=token, secret=secret)
 
 
+# Every API call runs this: built once, and the user comes in the same round trip.
+_TOKEN_WITH_USER = (
+    select(ApiToken)
+    .where(ApiToken.token_hash == bindparam("token_hash"))
+    .options(joinedload(ApiToken.user))
+)
+
+
 def resolve_api_token(session: Session, secret: str) -> User | None:
     """The user a bearer token belongs to, or None if it is unknown, revoked or expired."""
     if not secret.startswith(TOKEN_PREFIX) or len(secret) > 128:
         return None
-    token = session.scalar(
-        select(ApiToken)
-        .where(ApiToken.token_hash == sha256_hex(secret))
-        .options(joinedload(ApiToken.user))  # one round trip: every API call comes here
-    )
+    token = session.scalar(_TOKEN_WITH_USER, {"token_hash": sha256_hex(secret)})
     now = utcnow()
     if (
         token is None

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import bindparam, case, func, select
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -34,9 +34,12 @@ _NOT_AUDITED = frozenset({"guidelines_md"})
 _FIXED_ONCE_TASKS_EXIST = {"k": "K", "mode": "The mode"}
 
 
+_BY_SLUG = select(Campaign).where(Campaign.slug == bindparam("slug"))  # on every labeling call
+
+
 def get_by_slug(db: Session, slug: str) -> Campaign | None:
     """The campaign with this slug, or None."""
-    return db.scalar(select(Campaign).where(Campaign.slug == slug))
+    return db.scalar(_BY_SLUG, {"slug": slug})
 
 
 def _plain(value: Any) -> Any:

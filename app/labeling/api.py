@@ -18,7 +18,7 @@ from app.auth.models import Role
 from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign, CampaignStatus
 from app.labeling import service
-from app.labeling.models import Judgment, Task
+from app.labeling.models import Completion, Judgment, Task
 from app.labeling.schemas import (
     CompletionOut,
     EditIn,
@@ -67,7 +67,7 @@ def _fail(exc: service.LabelingError) -> HTTPException:
 def task_out(served: service.ServedTask) -> TaskOut:
     return TaskOut(
         submit_key=served.assignment.submit_key,
-        task_id=served.task.id,
+        task_id=served.task_id,
         campaign=served.campaign.slug,
         mode=served.campaign.mode.value,
         allow_ties=served.campaign.allow_ties,
@@ -83,19 +83,20 @@ def task_out(served: service.ServedTask) -> TaskOut:
 
 
 def judgment_out(db: Session, judgment: Judgment) -> JudgmentOut:
-    task = db.get_one(Task, judgment.task_id)
+    # Right after a submit these are all in the session already: no queries.
     campaign = db.get_one(Campaign, judgment.campaign_id)
+    strength = None
+    if judgment.pairwise_strength is not None:
+        strength = service.shown_strength(judgment, db.get_one(Task, judgment.task_id))
     demonstration = None
     if judgment.demonstration_id is not None:
-        from app.labeling.models import Completion
-
         demonstration = db.get_one(Completion, judgment.demonstration_id).text
     return JudgmentOut(
         id=judgment.id,
         task_id=judgment.task_id,
         campaign=campaign.slug,
         ranking=judgment.ranking,
-        strength=service.shown_strength(judgment, task),
+        strength=strength,
         demonstration=demonstration,
         ratings={int(k): v for k, v in judgment.ratings.items()},
         flags={int(k): v for k, v in judgment.flags.items()},
@@ -143,15 +144,15 @@ def next_task(slug: str, db: DbSession, user: CurrentUser) -> Any:
     """Lease the next task (or get my current lease back); 204 when nothing is left."""
     campaign = _campaign(db, slug)
     try:
-        assignment = service.next_task(db, user=user, campaign=campaign)
+        served = service.lease(db, user=user, campaign=campaign)
     except service.LabelingError as exc:
         raise _fail(exc) from None
-    if assignment is None:
+    if served is None:
         db.commit()
         return Response(status_code=204)
-    body = task_out(service.serve(db, assignment))
+    body = task_out(served).model_dump(mode="json")
     db.commit()
-    return body
+    return JSONResponse(body)
 
 
 @router.post(

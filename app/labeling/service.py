@@ -23,8 +23,21 @@ import secrets
 from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Any
 
-from sqlalchemy import and_, case, exists, func, select, text, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    case,
+    exists,
+    false,
+    func,
+    insert,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session, aliased
 
 from app.audit import service as audit
@@ -49,6 +62,7 @@ from app.labeling.schemas import EditIn, JudgmentIn
 RATING_RANGE = range(1, 8)
 # PostgreSQL advisory lock key for the lease sweep: one sweeper at a time, others skip it.
 SWEEP_LOCK_KEY = 0x70666C_01
+SWEEP_EVERY = dt.timedelta(seconds=5)
 
 
 class LabelingError(Exception):
@@ -82,10 +96,13 @@ class ServedTask:
     """A leased task as the labeler sees it: completions in their display order."""
 
     assignment: Assignment
-    task: Task
     campaign: Campaign
     prompt: Prompt
     completions: list[Completion]  # display order
+
+    @property
+    def task_id(self) -> int:
+        return self.assignment.task_id
 
 
 # --- pure helpers -------------------------------------------------------------------------
@@ -219,9 +236,32 @@ def expire_leases(db: Session, *, now: dt.datetime | None = None) -> int:
     return len(task_ids)
 
 
-def _lock_user(db: Session, user_id: int) -> None:
-    # One labeler's claims run one at a time (a no-op on SQLite, whose writes are serialized).
-    db.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
+# The hot statements are built once, with bound parameters: building a statement costs more
+# Python than running it, and labeling runs them hundreds of times a second.
+_LIVE_LEASE = (
+    select(
+        select(Assignment.id)
+        .join(Task, Task.id == Assignment.task_id)
+        .where(
+            Assignment.user_id == bindparam("user_id"),
+            Assignment.state == AssignmentState.active,
+            Task.campaign_id == bindparam("campaign_id"),
+        )
+        .order_by(Assignment.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    .where(User.id == bindparam("user_id"))
+    .with_for_update(key_share=True, of=User)
+)
+
+
+def _lock_user_and_find_lease(db: Session, *, user_id: int, campaign_id: int) -> int | None:
+    """Lock the labeler's row and return their live lease in this campaign, in one statement.
+
+    The lock makes one labeler's claims run one at a time (SQLite serializes all writers).
+    """
+    return db.scalar(_LIVE_LEASE, {"user_id": user_id, "campaign_id": campaign_id})
 
 
 def active_lease(db: Session, *, user_id: int, campaign_id: int) -> Assignment | None:
@@ -239,14 +279,28 @@ def active_lease(db: Session, *, user_id: int, campaign_id: int) -> Assignment |
     )
 
 
-def _claim(db: Session, *, user_id: int, campaign_id: int, gold: bool) -> int | None:
-    """Take a slot on the best available task in one statement; returns its id."""
+_last_sweep: dt.datetime | None = None
+
+
+def _sweep_due(now: dt.datetime) -> bool:
+    """Expired leases are swept at most every SWEEP_EVERY per process, not on every claim."""
+    global _last_sweep
+    if _last_sweep is None or now - _last_sweep >= SWEEP_EVERY or now < _last_sweep:
+        _last_sweep = now
+        return True
+    return False
+
+
+def _claim_statement(*, gold: bool) -> Any:
+    """Take a slot on the best available task: UPDATE ... WHERE id = (SELECT ... SKIP LOCKED)."""
     candidate = aliased(Task)
-    seen = exists().where(Assignment.task_id == candidate.id, Assignment.user_id == user_id)
+    seen = exists().where(
+        Assignment.task_id == candidate.id, Assignment.user_id == bindparam("for_user")
+    )
     conditions = [
-        candidate.campaign_id == campaign_id,
+        candidate.campaign_id == bindparam("in_campaign"),
         candidate.status == TaskStatus.open,
-        candidate.is_gold == gold,
+        candidate.is_gold.is_(true()) if gold else candidate.is_gold.is_(false()),
         ~seen,
     ]
     if not gold:  # gold tasks go to every labeler once; they have no overlap limit
@@ -259,12 +313,79 @@ def _claim(db: Session, *, user_id: int, campaign_id: int, gold: bool) -> int | 
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    return db.scalar(
+    return (
         update(Task)
         .where(Task.id == pick)
         .values(assigned_count=Task.assigned_count + 1)
-        .returning(Task.id)
+        .returning(Task.id, Task.prompt_id)
         .execution_options(synchronize_session=False)
+    )
+
+
+_CLAIM = {gold: _claim_statement(gold=gold) for gold in (False, True)}
+_TASK_COMPLETIONS = (
+    select(Completion)
+    .join(TaskCompletion, TaskCompletion.completion_id == Completion.id)
+    .where(TaskCompletion.task_id == bindparam("task_id"))
+    .order_by(TaskCompletion.position)
+)
+
+
+def _claim(db: Session, *, user_id: int, campaign_id: int, gold: bool) -> tuple[int, int] | None:
+    """Take a slot in one statement; returns (task id, prompt id), or None."""
+    row = db.execute(_CLAIM[gold], {"for_user": user_id, "in_campaign": campaign_id}).first()
+    return (row[0], row[1]) if row else None
+
+
+def lease(
+    db: Session,
+    *,
+    user: User,
+    campaign: Campaign,
+    now: dt.datetime | None = None,
+    rng: random.Random | None = None,
+) -> ServedTask | None:
+    """The labeler's current task in the campaign, or a newly leased one; None when none left."""
+    now = now or utcnow()
+    rng = rng or random.SystemRandom()
+    if campaign.status != CampaignStatus.active:
+        raise Conflict(
+            f"campaign '{campaign.slug}' is {CampaignStatus(campaign.status)}, not active"
+        )
+    live_id = _lock_user_and_find_lease(db, user_id=user.id, campaign_id=campaign.id)
+    if live_id is not None:
+        current = db.get_one(Assignment, live_id)
+        # Its slot is still counted, so renewing it takes nothing from anyone.
+        current.lease_expires_at = now + dt.timedelta(minutes=campaign.lease_minutes)
+        db.flush()
+        return serve(db, current)
+    if _sweep_due(now):
+        expire_leases(db, now=now)
+    want_gold = campaign.gold_rate > 0 and rng.random() < campaign.gold_rate
+    claimed = _claim(db, user_id=user.id, campaign_id=campaign.id, gold=want_gold)
+    if claimed is None and want_gold:
+        claimed = _claim(db, user_id=user.id, campaign_id=campaign.id, gold=False)
+    if claimed is None:
+        return None
+    task_id, prompt_id = claimed
+    completions = list(db.scalars(_TASK_COMPLETIONS, {"task_id": task_id}))
+    rng.shuffle(completions)
+    assignment = Assignment(
+        task_id=task_id,
+        user_id=user.id,
+        state=AssignmentState.active,
+        display_order=[c.id for c in completions],
+        submit_key=secrets.token_urlsafe(24),
+        leased_at=now,
+        lease_expires_at=now + dt.timedelta(minutes=campaign.lease_minutes),
+    )
+    db.add(assignment)
+    db.flush()
+    return ServedTask(
+        assignment=assignment,
+        campaign=campaign,
+        prompt=db.get_one(Prompt, prompt_id),
+        completions=completions,
     )
 
 
@@ -276,79 +397,47 @@ def next_task(
     now: dt.datetime | None = None,
     rng: random.Random | None = None,
 ) -> Assignment | None:
-    """The labeler's current lease in the campaign, or a new one; None when nothing is left."""
-    now = now or utcnow()
-    rng = rng or random.SystemRandom()
-    if campaign.status != CampaignStatus.active:
-        raise Conflict(
-            f"campaign '{campaign.slug}' is {CampaignStatus(campaign.status)}, not active"
-        )
-    _lock_user(db, user.id)
-    lease = active_lease(db, user_id=user.id, campaign_id=campaign.id)
-    if lease is not None:
-        # Its slot is still counted, so renewing it takes nothing from anyone.
-        lease.lease_expires_at = now + dt.timedelta(minutes=campaign.lease_minutes)
-        db.flush()
-        return lease
-    expire_leases(db, now=now)
-    want_gold = campaign.gold_rate > 0 and rng.random() < campaign.gold_rate
-    task_id = _claim(db, user_id=user.id, campaign_id=campaign.id, gold=want_gold)
-    if task_id is None and want_gold:
-        task_id = _claim(db, user_id=user.id, campaign_id=campaign.id, gold=False)
-    if task_id is None:
-        return None
-    completion_ids = list(
-        db.scalars(
-            select(TaskCompletion.completion_id)
-            .where(TaskCompletion.task_id == task_id)
-            .order_by(TaskCompletion.position)
-        )
-    )
-    rng.shuffle(completion_ids)
-    assignment = Assignment(
-        task_id=task_id,
-        user_id=user.id,
-        state=AssignmentState.active,
-        display_order=completion_ids,
-        submit_key=secrets.token_urlsafe(24),
-        leased_at=now,
-        lease_expires_at=now + dt.timedelta(minutes=campaign.lease_minutes),
-    )
-    db.add(assignment)
-    db.flush()
-    return assignment
+    """Like `lease`, for callers that only need the assignment."""
+    served = lease(db, user=user, campaign=campaign, now=now, rng=rng)
+    return served.assignment if served else None
 
 
 def serve(db: Session, assignment: Assignment) -> ServedTask:
-    """Load what the task page (or API) shows for a lease."""
+    """Load what the task page (or API) shows for an existing lease."""
     task = db.get_one(Task, assignment.task_id)
-    campaign = db.get_one(Campaign, task.campaign_id)
-    prompt = db.get_one(Prompt, task.prompt_id)
     by_id = {
         c.id: c
         for c in db.scalars(select(Completion).where(Completion.id.in_(assignment.display_order)))
     }
     return ServedTask(
         assignment=assignment,
-        task=task,
-        campaign=campaign,
-        prompt=prompt,
+        campaign=db.get_one(Campaign, task.campaign_id),
+        prompt=db.get_one(Prompt, task.prompt_id),
         completions=[by_id[cid] for cid in assignment.display_order],
     )
 
 
-def _assignment_for(db: Session, *, user: User, submit_key: str) -> Assignment:
-    assignment = db.scalar(
-        select(Assignment)
-        .where(Assignment.submit_key == submit_key)
-        .with_for_update()
-        .execution_options(populate_existing=True)  # what the lock holds, not a cached copy
-    )
-    if assignment is None:
+_LOCKED_LEASE = (
+    select(Assignment, Task, Campaign)
+    .join(Task, Task.id == Assignment.task_id)
+    .join(Campaign, Campaign.id == Task.campaign_id)
+    .where(Assignment.submit_key == bindparam("submit_key"))
+    .with_for_update(of=Assignment)
+    .execution_options(populate_existing=True)  # what the lock holds, not a cached copy
+)
+
+
+def _assignment_for(
+    db: Session, *, user: User, submit_key: str
+) -> tuple[Assignment, Task, Campaign]:
+    """The lease behind a submit key, locked, with its task and campaign (one statement)."""
+    row = db.execute(_LOCKED_LEASE, {"submit_key": submit_key}).first()
+    if row is None:
         raise NotFound("no such task: it may have been reset; load the next one")
+    assignment, task, campaign = row
     if assignment.user_id != user.id:
         raise Forbidden("this task is leased to someone else")
-    return assignment
+    return assignment, task, campaign
 
 
 def _retake_slot(db: Session, assignment: Assignment, task: Task, now: dt.datetime) -> None:
@@ -378,7 +467,7 @@ def skip(
 ) -> Assignment:
     """Give the task back; it will not be served to this labeler again."""
     now = now or utcnow()
-    assignment = _assignment_for(db, user=user, submit_key=submit_key)
+    assignment, _, _ = _assignment_for(db, user=user, submit_key=submit_key)
     if assignment.state is AssignmentState.skipped:
         return assignment  # a retried skip
     if assignment.state is AssignmentState.submitted:
@@ -457,23 +546,28 @@ def _write_judgment(
     db.flush()
     if ranking is not None:
         margin = float(abs(answer.strength)) if answer.strength is not None else None
-        db.add_all(
-            Comparison(
-                campaign_id=campaign.id,
-                prompt_id=task.prompt_id,
-                judgment_id=judgment.id,
-                user_id=user.id,
-                chosen_id=chosen,
-                rejected_id=rejected,
-                is_tie=is_tie,
-                margin=pair_margin,
-                source=ComparisonSource.human,
-                is_active=True,
-                created_at=now,
-            )
-            for chosen, rejected, is_tie, pair_margin in pairs_from_ranking(ranking, margin=margin)
+        # One multi-row INSERT (executemany), not one ORM round trip per pair.
+        db.execute(
+            insert(Comparison),
+            [
+                {
+                    "campaign_id": campaign.id,
+                    "prompt_id": task.prompt_id,
+                    "judgment_id": judgment.id,
+                    "user_id": user.id,
+                    "chosen_id": chosen,
+                    "rejected_id": rejected,
+                    "is_tie": is_tie,
+                    "margin": pair_margin,
+                    "source": ComparisonSource.human,
+                    "is_active": True,
+                    "created_at": now,
+                }
+                for chosen, rejected, is_tie, pair_margin in pairs_from_ranking(
+                    ranking, margin=margin
+                )
+            ],
         )
-        db.flush()
     return judgment
 
 
@@ -492,6 +586,24 @@ def _replay(db: Session, *, user: User, key: str, answer: JudgmentIn) -> Judgmen
     return existing
 
 
+# SET expressions read the row's old values, so "+ 1 >=" is this judgment completing the task.
+_COUNT_JUDGMENT = (
+    update(Task)
+    .where(Task.id == bindparam("counted_task"))
+    .values(
+        judgment_count=Task.judgment_count + 1,
+        status=case(
+            (
+                and_(Task.judgment_count + 1 >= Task.required_judgments, Task.is_gold.is_(false())),
+                TaskStatus.complete.value,
+            ),
+            else_=Task.status,
+        ),
+    )
+    .execution_options(synchronize_session=False)
+)
+
+
 def submit(
     db: Session,
     *,
@@ -503,19 +615,19 @@ def submit(
 ) -> tuple[Judgment, bool]:
     """Store the answer to a leased task with its comparisons; (judgment, created)."""
     now = now or utcnow()
-    assignment = _assignment_for(db, user=user, submit_key=submit_key)
-    if (replayed := _replay(db, user=user, key=submit_key, answer=answer)) is not None:
-        return replayed, False
+    assignment, task, campaign = _assignment_for(db, user=user, submit_key=submit_key)
+    if assignment.state is AssignmentState.submitted:
+        # Only a submitted lease can have a judgment under its key: a retry, or a conflict.
+        if (replayed := _replay(db, user=user, key=submit_key, answer=answer)) is not None:
+            return replayed, False
+        raise Conflict("this task was already submitted")
     if assignment.state is AssignmentState.skipped:
         raise Conflict("you skipped this task; it can no longer be submitted")
-    if assignment.state is AssignmentState.submitted:
-        raise Conflict("this task was already submitted")  # under another key: cannot happen
-    task = db.get_one(Task, assignment.task_id)
-    campaign = db.get_one(Campaign, task.campaign_id)
     if task.status is TaskStatus.retired:
         raise Conflict("this task was withdrawn by an admin; load the next one")
-    completion_ids = [tc.completion_id for tc in task.items]
-    ranking = check_answer(campaign, completion_ids, assignment.display_order, answer)
+    # The display order is exactly the task's completions, shuffled when the lease was made.
+    shown = assignment.display_order
+    ranking = check_answer(campaign, shown, shown, answer)
     if assignment.state is not AssignmentState.active:  # expired or released
         _retake_slot(db, assignment, task, now)
     # Clamp the client's clock to the server's: no longer than the lease has existed.
@@ -538,17 +650,7 @@ def submit(
     )
     assignment.state = AssignmentState.submitted
     assignment.finished_at = now
-    # SET expressions read the row's old values, so "+ 1 >=" is this judgment completing it.
-    completes = and_(Task.judgment_count + 1 >= Task.required_judgments, Task.is_gold.is_(False))
-    db.execute(
-        update(Task)
-        .where(Task.id == task.id)
-        .values(
-            judgment_count=Task.judgment_count + 1,
-            status=case((completes, TaskStatus.complete.value), else_=Task.status),
-        )
-        .execution_options(synchronize_session=False)
-    )
+    db.execute(_COUNT_JUDGMENT, {"counted_task": task.id})
     db.expire(task, ["judgment_count", "status"])
     audit.record(
         db,

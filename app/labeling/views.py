@@ -108,18 +108,17 @@ def _task_response(
 ) -> Response:
     """Lease (or re-serve) the next task and render it: a page, or the fragment for htmx."""
     try:
-        assignment = service.next_task(db, user=user, campaign=campaign)
+        served = service.lease(db, user=user, campaign=campaign)
     except service.Conflict as exc:
         db.commit()
         context = {"campaign": campaign, "message": exc.message, "saved": saved}
         if is_htmx(request):
             return render_block(request, "labeling/task.html", "task", context)
         return render(request, "labeling/task.html", context, db=db)
-    if assignment is None:
+    if served is None:
         db.commit()
         context = {"campaign": campaign, "served": None, "saved": saved}
     else:
-        served = service.serve(db, assignment)
         context = _task_context(db, served, user) | {"saved": saved}
         db.commit()
     if is_htmx(request):
