@@ -111,10 +111,11 @@ def get_principal(request: Request, db: DbSession, settings: SettingsDep) -> Pri
     elif token := request.cookies.get(SESSION_COOKIE):
         row = auth_service.resolve_session(db, settings, token)
         principal = Principal.of(row.user, row) if row else None
-    # Persist a session touch (or expiry) now, apart from the route's own transaction; most
-    # requests change nothing here, and they skip the extra round trip.
-    if db.dirty or db.deleted or db.new:
-        db.commit()
+    # End this transaction now: it persists a session touch (or expiry), and it gives the
+    # connection back before the route runs. The route runs on another pool thread; holding a
+    # connection (or SQLite's write lock) across that hop deadlocks once every thread waits
+    # for a connection that a request waiting for a thread holds.
+    db.commit()
     request.state.principal = principal
     return principal
 
