@@ -7,12 +7,11 @@ completion that tries to run a script (it must show as text).
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import random
 import secrets
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -21,7 +20,7 @@ from app.audit import service as audit
 from app.auth import service as auth_service
 from app.auth.models import Role
 from app.campaigns.models import Campaign, CampaignGuidelines, CampaignMode
-from app.labeling.models import Completion, CompletionSource, Prompt, Task, TaskCompletion
+from app.labeling.importer import import_stream
 
 SAMPLE_PATH = Path(__file__).with_name("demo_sample.jsonl")
 DEMO_SLUG = "demo-helpfulness"
@@ -64,14 +63,11 @@ def reset_demo_accounts(session: Session) -> list[tuple[str, str, str]]:
     return accounts
 
 
-def content_hash(value: Any) -> str:
-    return hashlib.sha256(
-        json.dumps(value, sort_keys=True, ensure_ascii=False).encode()
-    ).hexdigest()
-
-
 def seed_demo_campaign(session: Session) -> tuple[Campaign, bool]:
-    """Create the demo campaign with one task per sample prompt; (campaign, created)."""
+    """Create the demo campaign with one task per sample prompt; (campaign, created).
+
+    The sample goes through the dataset importer, like any file an admin uploads.
+    """
     existing = session.scalar(select(Campaign).where(Campaign.slug == DEMO_SLUG))
     if existing is not None:
         return existing, False
@@ -92,41 +88,6 @@ def seed_demo_campaign(session: Session) -> tuple[Campaign, bool]:
     session.add(
         CampaignGuidelines(campaign_id=campaign.id, version=1, guidelines_md=DEMO_GUIDELINES)
     )
-    rng = random.Random(0)  # noqa: S311  (shuffling demo data, not security)
-    for line in SAMPLE_PATH.read_text(encoding="utf-8").splitlines():
-        item = json.loads(line)
-        content = item.get("messages") or item["prompt"]
-        prompt = Prompt(
-            campaign_id=campaign.id,
-            external_id=item.get("id"),
-            text=item.get("prompt"),
-            messages=item.get("messages"),
-            content_hash=content_hash(content),
-            meta={"source": "prefloop demo"},
-        )
-        session.add(prompt)
-        session.flush()
-        completions = [
-            Completion(
-                prompt_id=prompt.id,
-                text=text,
-                source=CompletionSource.imported,
-                content_hash=content_hash(text),
-            )
-            for text in item["completions"]
-        ]
-        session.add_all(completions)
-        session.flush()
-        # The sample lists the best answer first; the stored task order must not give that away.
-        rng.shuffle(completions)
-        task = Task(
-            campaign_id=campaign.id, prompt_id=prompt.id, required_judgments=campaign.overlap
-        )
-        task.items = [
-            TaskCompletion(position=i, completion_id=c.id) for i, c in enumerate(completions)
-        ]
-        session.add(task)
-    session.flush()
     audit.record(
         session,
         actor_id=None,
@@ -136,4 +97,18 @@ def seed_demo_campaign(session: Session) -> tuple[Campaign, bool]:
         after={"slug": DEMO_SLUG},
         reason="prefloop demo",
     )
+    import_stream(session, campaign, io.BytesIO(_demo_rows()), file_name=SAMPLE_PATH.name)
     return campaign, True
+
+
+def _demo_rows() -> bytes:
+    """The sample as import lines, each task's completions shuffled: the sample lists the
+    best answer first, and the stored task order must not give that away."""
+    rng = random.Random(0)  # noqa: S311  (shuffling demo data, not security)
+    lines = []
+    for line in SAMPLE_PATH.read_text(encoding="utf-8").splitlines():
+        item = json.loads(line)
+        rng.shuffle(item["completions"])
+        item["metadata"] = {"source": "prefloop demo"}
+        lines.append(json.dumps(item, ensure_ascii=False))
+    return "\n".join(lines).encode()
