@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -29,3 +32,17 @@ def head_revision() -> str | None:
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+# Indexes with a sort direction (ix_tasks_claim: priority DESC). SQLite reflects them without
+# the direction, so there a schema comparison would report them as changed on every run.
+DIRECTIONAL_INDEXES = frozenset({"ix_tasks_claim"})
+
+
+def _include_on_sqlite(obj: Any, name: str | None, type_: str, *_: Any) -> bool:
+    return not (type_ == "index" and name in DIRECTIONAL_INDEXES)
+
+
+def include_object_for(dialect: str) -> Callable[..., bool] | None:
+    """The `include_object` hook for schema comparisons (`alembic check`) on this dialect."""
+    return _include_on_sqlite if dialect == "sqlite" else None

@@ -11,6 +11,7 @@ from sqlalchemy import pool
 from app import models  # noqa: F401  (registers every table on Base.metadata)
 from app.config import Settings, normalize_database_url
 from app.db import Base, UTCDateTime, make_engine
+from app.migrate import include_object_for
 
 config = context.config
 target_metadata = Base.metadata
@@ -34,15 +35,6 @@ def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"
     return False
-
-
-# Indexes with a sort direction (ix_tasks_claim: priority DESC). SQLite reflects them without
-# the direction, so there `alembic check` would report them as changed on every run.
-DIRECTIONAL_INDEXES = frozenset({"ix_tasks_claim"})
-
-
-def include_on_sqlite(obj: Any, name: str | None, type_: str, *_: Any) -> bool:
-    return not (type_ == "index" and name in DIRECTIONAL_INDEXES)
 
 
 def run_migrations_offline() -> None:
@@ -74,7 +66,7 @@ def _run(connection: Any) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite rebuilds tables to ALTER
         render_item=render_item,
-        include_object=include_on_sqlite if connection.dialect.name == "sqlite" else None,
+        include_object=include_object_for(connection.dialect.name),
         compare_type=True,
     )
     with context.begin_transaction():

@@ -203,7 +203,8 @@ def test_htmx_request_after_session_ends_goes_to_login(
         # Not awaited: the navigation that should follow destroys the page's JS context.
         page.evaluate("() => { htmx.ajax('GET', '/admin', {target: 'main', swap: 'innerHTML'}); }")
     assert answer.value.status == 401
-    assert answer.value.headers.get("hx-redirect") == "/login"
+    # Back to where the request came from, after signing in again.
+    assert answer.value.headers.get("hx-redirect") == "/login?next=/admin"
     page.wait_for_url(re.compile(r"/login(\?|$)"))
     assert path_of(page) == "/login"
     assert page.get_by_role("button", name="Sign in").is_visible()

@@ -14,7 +14,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import DatabaseError
 
 from app.db import Base, make_engine
-from app.migrate import alembic_config, current_revision, head_revision
+from app.migrate import alembic_config, current_revision, head_revision, include_object_for
 from app.models import AuditEvent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,11 @@ def test_upgrade_head_leaves_no_drift(fresh_database_url):
     """What `alembic check` does: the migrated schema matches the models exactly."""
     engine = make_engine(fresh_database_url)
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        opts = {
+            "compare_type": True,
+            "include_object": include_object_for(connection.dialect.name),
+        }
+        context = MigrationContext.configure(connection, opts=opts)
         assert compare_metadata(context, Base.metadata) == []
     assert current_revision(engine) == head_revision()
     engine.dispose()
@@ -71,7 +75,8 @@ def test_hot_paths_are_indexed(connection):
     def indexed_columns(table: str) -> list[list[str]]:
         return [index["column_names"] for index in inspector.get_indexes(table)]
 
-    assert ["campaign_id", "status", "priority", "id"] in indexed_columns("tasks")  # next task
+    claim = ["campaign_id", "status", "is_gold", "priority", "id"]
+    assert claim in indexed_columns("tasks")  # next task
     assert ["campaign_id", "id"] in indexed_columns("comparisons")  # comparisons since an id
     assert ["state", "priority", "run_after", "id"] in indexed_columns("jobs")  # job claim
     assert ["user_id", "state"] in indexed_columns("assignments")
