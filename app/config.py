@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         30_000, ge=0, description="PostgreSQL statement_timeout for web requests (0 = none)."
     )
     db_pool_size: int = Field(
-        16,
+        8,
         ge=1,
         le=200,
         description="Database connections per server process, and threads for request handlers.",
