@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -39,13 +39,18 @@ class NotAuthenticated(Exception):
     """No valid session or token: browsers go to the login page, API clients get 401."""
 
 
-def get_settings_dep(request: Request) -> Settings:
+# These two are `async def` although they do no I/O: FastAPI runs a plain `def` dependency on
+# a worker thread, and each such hop costs more than the work.
+
+
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Iterator[Session]:
+async def get_db(request: Request) -> AsyncIterator[Session]:
     """One session per request. Views that change data call `db.commit()` before answering,
-    so a response is only sent for work that is durable."""
+    so a response is only sent for work that is durable. Opening a session takes no
+    connection, and by the time it closes the view has committed: neither blocks the loop."""
     with request.app.state.db.session() as session:
         yield session
 
