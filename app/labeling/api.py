@@ -112,6 +112,13 @@ def judgment_out(db: Session, judgment: Judgment) -> JudgmentOut:
     )
 
 
+def _stored(db: Session, judgment: Judgment, created: bool) -> JSONResponse:
+    """Commit, then answer 201 for a new judgment or 200 for a replayed one."""
+    body = SubmitOut(judgment=judgment_out(db, judgment), created=created)
+    db.commit()
+    return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200)
+
+
 @router.get("/labeling/campaigns", response_model=list[CampaignProgressOut])
 def my_campaigns(db: DbSession, user: CurrentUser) -> list[CampaignProgressOut]:
     """Active campaigns, with what I judged today and overall and what is left for me."""
@@ -172,9 +179,7 @@ def submit(
         )
     except service.LabelingError as exc:
         raise _fail(exc) from None
-    body = SubmitOut(judgment=judgment_out(db, judgment), created=created)
-    db.commit()
-    return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200)
+    return _stored(db, judgment, created)
 
 
 @router.post(
@@ -230,6 +235,4 @@ def edit(
         )
     except service.LabelingError as exc:
         raise _fail(exc) from None
-    body = SubmitOut(judgment=judgment_out(db, judgment), created=created)
-    db.commit()
-    return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200)
+    return _stored(db, judgment, created)
