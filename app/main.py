@@ -23,6 +23,7 @@ from app.labeling import api as labeling_api
 from app.labeling import import_views
 from app.labeling import views as labeling_views
 from app.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
+from app.quality import views as quality_views
 from app.web import ROOT
 
 # Routes that accept large uploads (dataset imports); every other body is capped small.
@@ -79,6 +80,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         import_views.router,
         labeling_views.router,
         labeling_api.router,
+        quality_views.router,
+        quality_views.api_router,
         api.router,
         api.health_router,
     ):

@@ -49,6 +49,9 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/admin/imports"): {ADMIN},
     ("POST", "/admin/imports"): {ADMIN},
     ("POST", "/api/v1/imports"): {ADMIN},
+    # quality (dashboard and JSON)
+    ("GET", "/admin/campaigns/{slug}/quality"): {ADMIN},
+    ("GET", "/api/v1/campaigns/{slug}/quality"): {ADMIN, RESEARCHER},
     # labeling (pages and API)
     ("GET", "/label/history"): {LABELER},
     ("GET", "/label/{slug}"): {LABELER},

@@ -1,0 +1,106 @@
+"""The quality report from real judgments (made through the labeling service), both backends."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import pytest
+
+from app.auth import service as auth_service
+from app.labeling import service as labeling
+from app.labeling.schemas import JudgmentIn
+from app.quality import metrics
+from app.quality.service import Filters, load_judgments, quality_report
+from tests.factories import make_campaign, make_labeler, make_task
+
+TASKS = 30
+
+
+@pytest.fixture
+def judged(db):
+    """Three careful labelers who rank by the true order, and one who picks what is shown first."""
+    campaign = make_campaign(db, slug="quality", overlap=4, k=4, gold_rate=1.0)  # gold first
+    truth = {}
+    for _ in range(TASKS):
+        task = make_task(db, campaign)
+        truth[task.id] = [item.completion_id for item in task.items]  # canonical = true order
+    gold = make_task(db, campaign, is_gold=True, gold_ranking_positions=[[0], [1], [2], [3]])
+    truth[gold.id] = [item.completion_id for item in gold.items]
+    careful = [make_labeler(db, f"careful-{i}") for i in range(3)]
+    lazy = make_labeler(db, "lazy")
+    rng = random.Random(4)
+    for user in [*careful, lazy]:
+        while (lease := labeling.next_task(db, user=user, campaign=campaign, rng=rng)) is not None:
+            if user is lazy:
+                ranking = [[cid] for cid in lease.display_order]
+            else:
+                ranking = [[cid] for cid in truth[lease.task_id]]
+            labeling.submit(
+                db,
+                user=user,
+                submit_key=lease.submit_key,
+                answer=JudgmentIn(ranking=ranking, time_on_task_ms=2000),
+                # Three seconds after the lease: the server caps time on task at that.
+                now=lease.leased_at + dt.timedelta(seconds=3),
+            )
+    db.commit()
+    return campaign, careful, lazy
+
+
+def test_agreement_matches_the_metrics_on_the_same_votes(db, judged):
+    campaign, _, _ = judged
+    report = quality_report(db, campaign, resamples=50)
+    rows = load_judgments(db, campaign, Filters())
+    votes = [metrics.Vote(r.task_id, r.user_id, r.ranking) for r in rows if not r.is_gold]
+    agreement = report["agreement"]
+    assert agreement["tasks_compared"] == TASKS
+    assert agreement["pairwise_agreement"]["value"] == pytest.approx(
+        metrics.mean_pairwise_agreement(votes), abs=1e-4
+    )
+    low, high = agreement["pairwise_agreement"]["interval"]
+    assert low <= agreement["pairwise_agreement"]["value"] <= high
+    assert agreement["krippendorff_alpha"]["value"] == pytest.approx(
+        metrics.krippendorff_alpha(votes), abs=1e-4
+    )
+    # Three of four labelers agree perfectly: agreement is well above chance but below 1.
+    assert 0.6 < agreement["pairwise_agreement"]["value"] < 1.0
+
+
+def test_labeler_table_flags_position_bias_and_scores_gold(db, judged):
+    campaign, careful, _ = judged
+    rows = {row["username"]: row for row in quality_report(db, campaign, resamples=20)["labelers"]}
+    assert rows["lazy"]["position_bias"]["flagged"] is True
+    assert rows["lazy"]["position_bias"]["rate"] == 1.0
+    for labeler in careful:
+        row = rows[labeler.username]
+        assert row["position_bias"]["flagged"] is False
+        assert row["agreement_with_others"] > rows["lazy"]["agreement_with_others"]
+        assert row["gold_accuracy"] == 1.0
+        assert row["judgments"] == TASKS + 1
+        assert row["median_seconds"] == pytest.approx(2.0, abs=0.1)
+
+
+def test_filters_by_labeler_and_date(db, judged):
+    campaign, _, lazy = judged
+    only_lazy = quality_report(db, campaign, Filters(labeler_ids=frozenset({lazy.id})))
+    assert [row["username"] for row in only_lazy["labelers"]] == ["lazy"]
+    assert only_lazy["agreement"]["tasks_compared"] == 0
+    future = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+    assert quality_report(db, campaign, Filters(since=future))["agreement"]["judgments"] == 0
+
+
+def test_json_endpoint_for_researchers_and_dashboard_for_admins(client, db, users, judged, as_role):
+    _, careful, _ = judged
+    token = auth_service.create_api_token(db, users.researcher, name="quality").secret
+    db.commit()
+    body = client.get(
+        "/api/v1/campaigns/quality/quality", headers={"Authorization": f"Bearer {token}"}
+    ).json()
+    assert body["campaign"] == "quality"
+    assert {row["username"] for row in body["labelers"]} == {"lazy", *(u.username for u in careful)}
+    as_role("admin")
+    page = client.get("/admin/campaigns/quality/quality?sort=-judgments")
+    assert page.status_code == 200
+    assert 'data-testid="position-bias-flag"' in page.text
+    assert "InstructGPT: 72.6" in page.text
