@@ -6,12 +6,15 @@ import datetime as dt
 import random
 
 import pytest
+from sqlalchemy import select
 
+from app.audit.models import AuditEvent
 from app.auth import service as auth_service
 from app.labeling import service as labeling
+from app.labeling.models import TaskStatus
 from app.labeling.schemas import JudgmentIn
 from app.quality import metrics
-from app.quality.service import Filters, load_judgments, quality_report
+from app.quality.service import Filters, disagreements, load_judgments, quality_report
 from tests.factories import make_campaign, make_labeler, make_task
 
 TASKS = 30
@@ -104,3 +107,35 @@ def test_json_endpoint_for_researchers_and_dashboard_for_admins(client, db, user
     assert page.status_code == 200
     assert 'data-testid="position-bias-flag"' in page.text
     assert "InstructGPT: 72.6" in page.text
+
+
+def test_disagreement_queue_sends_back_and_makes_gold_with_audit(client, db, judged, as_role):
+    campaign, _, _ = judged
+    items = disagreements(db, campaign, limit=5)
+    assert items
+    assert [d.agreement for d in items] == sorted(d.agreement for d in items)
+    worst = items[0].task
+    csrf = as_role("admin")
+    page = client.get("/admin/campaigns/quality/disagreements")
+    assert page.status_code == 200 and f'data-task="{worst.id}"' in page.text
+
+    required = worst.required_judgments
+    back = client.post(
+        f"/admin/tasks/{worst.id}/send-back", data={"csrf_token": csrf}, follow_redirects=False
+    )
+    assert back.status_code == 303
+    db.refresh(worst)
+    assert (worst.required_judgments, worst.status) == (required + 1, TaskStatus.open)
+
+    client.post(f"/admin/tasks/{worst.id}/gold", data={"csrf_token": csrf})
+    db.refresh(worst)
+    assert worst.is_gold and worst.gold_ranking == items[0].consensus.ranking
+    client.post(f"/admin/tasks/{worst.id}/ungold", data={"csrf_token": csrf})
+    db.refresh(worst)
+    assert not worst.is_gold and worst.gold_ranking is None
+    actions = db.scalars(
+        select(AuditEvent.action)
+        .where(AuditEvent.entity_type == "task", AuditEvent.entity_id == str(worst.id))
+        .order_by(AuditEvent.id)
+    ).all()
+    assert actions == ["task.send_back", "task.gold", "task.ungold"]

@@ -52,6 +52,10 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     # quality (dashboard and JSON)
     ("GET", "/admin/campaigns/{slug}/quality"): {ADMIN},
     ("GET", "/api/v1/campaigns/{slug}/quality"): {ADMIN, RESEARCHER},
+    ("GET", "/admin/campaigns/{slug}/disagreements"): {ADMIN},
+    ("POST", "/admin/tasks/{task_id}/send-back"): {ADMIN},
+    ("POST", "/admin/tasks/{task_id}/gold"): {ADMIN},
+    ("POST", "/admin/tasks/{task_id}/ungold"): {ADMIN},
     # labeling (pages and API)
     ("GET", "/label/history"): {LABELER},
     ("GET", "/label/{slug}"): {LABELER},
@@ -73,6 +77,7 @@ SAMPLE_PARAMS = {
     "slug": "no-such-campaign",
     "submit_key": "no-such-key-0123456789",
     "judgment_id": "999999",
+    "task_id": "999999",
 }
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 

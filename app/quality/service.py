@@ -17,9 +17,17 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.audit import service as audit
 from app.auth.models import User
 from app.campaigns.models import Campaign
-from app.labeling.models import Assignment, AssignmentState, Completion, Judgment, Task
+from app.labeling.models import (
+    Assignment,
+    AssignmentState,
+    Completion,
+    Judgment,
+    Task,
+    TaskStatus,
+)
 from app.quality import metrics
 from app.quality.metrics import Vote
 
@@ -301,3 +309,74 @@ def quality_report(
         "agreement": campaign_agreement(rows, resamples=resamples),
         "labelers": labeler_stats(db, campaign, rows),
     }
+
+
+# --- disagreement review ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    task: Task
+    agreement: float  # mean pairwise agreement between the task's labelers
+    judgments: list[JudgmentRow]
+    consensus: metrics.Consensus
+
+
+def disagreements(db: Session, campaign: Campaign, *, limit: int = 50) -> list[Disagreement]:
+    """Non-gold tasks judged twice or more, lowest agreement first."""
+    by_task: dict[int, list[JudgmentRow]] = defaultdict(list)
+    for row in load_judgments(db, campaign, Filters()):
+        if not row.is_gold:
+            by_task[row.task_id].append(row)
+    scored = []
+    for task_id, rows in by_task.items():
+        if len(rows) < 2:
+            continue
+        votes = [Vote(task_id, r.user_id, r.ranking) for r in rows]
+        scored.append((metrics.mean_pairwise_agreement(votes), task_id, rows))
+    scored.sort(key=lambda item: (item[0], item[1]))
+    tasks = {
+        t.id: t
+        for t in db.scalars(select(Task).where(Task.id.in_([tid for _, tid, _ in scored[:limit]])))
+    }
+    return [
+        Disagreement(tasks[tid], score, rows, metrics.consensus([r.ranking for r in rows]))
+        for score, tid, rows in scored[:limit]
+    ]
+
+
+def send_back(db: Session, *, task: Task, actor_id: int, extra: int = 1) -> Task:
+    """Ask for `extra` more judgments on a task (it reopens)."""
+    before = {"required_judgments": task.required_judgments, "status": task.status.value}
+    task.required_judgments += extra
+    if task.status is TaskStatus.complete:
+        task.status = TaskStatus.open
+    db.flush()
+    audit.record(
+        db,
+        actor_id=actor_id,
+        action="task.send_back",
+        entity_type="task",
+        entity_id=task.id,
+        before=before,
+        after={"required_judgments": task.required_judgments, "status": task.status.value},
+    )
+    return task
+
+
+def set_gold(db: Session, *, task: Task, actor_id: int, ranking: list[list[int]] | None) -> Task:
+    """Make a task gold with this known ranking, or (ranking None) a regular task again."""
+    before = {"is_gold": task.is_gold, "gold_ranking": task.gold_ranking}
+    task.is_gold = ranking is not None
+    task.gold_ranking = ranking
+    db.flush()
+    audit.record(
+        db,
+        actor_id=actor_id,
+        action="task.gold" if ranking is not None else "task.ungold",
+        entity_type="task",
+        entity_id=task.id,
+        before=before,
+        after={"is_gold": task.is_gold, "gold_ranking": task.gold_ranking},
+    )
+    return task

@@ -6,14 +6,18 @@ import datetime as dt
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from sqlalchemy import select
 from sqlalchemy.orm import Session
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 
-from app.auth.models import Role
+from app.auth.models import Role, User
 from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign
-from app.quality.service import Filters, quality_report
-from app.web import DbSession, render, require_roles
+from app.labeling.models import Completion, Judgment, Task
+from app.quality import metrics
+from app.quality.service import Filters, disagreements, quality_report, send_back, set_gold
+from app.rendering import render_markdown
+from app.web import CurrentPrincipal, DbSession, flash, render, require_roles
 
 api_router = APIRouter(
     prefix="/api/v1",
@@ -94,3 +98,92 @@ def dashboard(
         },
         db=db,
     )
+
+
+@router.get("/admin/campaigns/{slug}/disagreements")
+def disagreement_queue(slug: str, request: Request, db: DbSession) -> Response:
+    """Tasks with the lowest agreement, their judgments side by side, and what to do."""
+    campaign = _campaign(db, slug)
+    items = disagreements(db, campaign, limit=30)
+    completions = {
+        c.id: c
+        for c in db.scalars(
+            select(Completion).where(
+                Completion.id.in_({tc.completion_id for d in items for tc in d.task.items})
+            )
+        )
+    }
+    names = dict(
+        db.execute(
+            select(User.id, User.username).where(
+                User.id.in_({j.user_id for d in items for j in d.judgments})
+            )
+        )
+        .tuples()
+        .all()
+    )
+    return render(
+        request,
+        "quality/disagreements.html",
+        {
+            "campaign": campaign,
+            "items": items,
+            "completions": completions,
+            "names": names,
+            "places": metrics.places,
+            "render_markdown": render_markdown,
+        },
+        db=db,
+    )
+
+
+def _task(db: Session, task_id: int) -> Task:
+    task = db.get(Task, task_id)
+    if task is None:
+        raise HTTPException(404, "There is no such task.")
+    return task
+
+
+def _back_to_queue(db: Session, task: Task) -> RedirectResponse:
+    slug = db.get_one(Campaign, task.campaign_id).slug
+    return RedirectResponse(f"/admin/campaigns/{slug}/disagreements", status_code=303)
+
+
+@router.post("/admin/tasks/{task_id}/send-back")
+def send_task_back(task_id: int, db: DbSession, principal: CurrentPrincipal) -> Response:
+    """One more judgment for a disputed task."""
+    task = send_back(db, task=_task(db, task_id), actor_id=principal.user.id)
+    flash(db, principal, f"Task {task.id} now asks for {task.required_judgments} judgments.")
+    db.commit()
+    return _back_to_queue(db, task)
+
+
+@router.post("/admin/tasks/{task_id}/gold")
+def make_gold(task_id: int, db: DbSession, principal: CurrentPrincipal) -> Response:
+    """Turn a task into a gold task whose answer is its current consensus."""
+    task = _task(db, task_id)
+    rankings = [
+        j.ranking
+        for j in db.scalars(
+            select(Judgment).where(
+                Judgment.task_id == task.id,
+                Judgment.is_current.is_(True),
+                Judgment.ranking.is_not(None),
+            )
+        )
+    ]
+    if not rankings:
+        raise HTTPException(409, "This task has no judgments to take a consensus from.")
+    set_gold(db, task=task, actor_id=principal.user.id, ranking=metrics.consensus(rankings).ranking)
+    flash(db, principal, f"Task {task.id} is now a gold task (its answer is the consensus).")
+    db.commit()
+    return _back_to_queue(db, task)
+
+
+@router.post("/admin/tasks/{task_id}/ungold")
+def unmake_gold(task_id: int, db: DbSession, principal: CurrentPrincipal) -> Response:
+    """Undo: a gold task becomes a regular task again."""
+    task = set_gold(db, task=_task(db, task_id), actor_id=principal.user.id, ranking=None)
+    flash(db, principal, f"Task {task.id} is a regular task again.")
+    db.commit()
+    return _back_to_queue(db, task)
