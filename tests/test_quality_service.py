@@ -11,8 +11,8 @@ from sqlalchemy import select
 from app.audit.models import AuditEvent
 from app.auth import service as auth_service
 from app.labeling import service as labeling
-from app.labeling.models import TaskStatus
-from app.labeling.schemas import JudgmentIn
+from app.labeling.models import Judgment, TaskStatus
+from app.labeling.schemas import EditIn, JudgmentIn
 from app.quality import metrics
 from app.quality.service import Filters, disagreements, load_judgments, quality_report
 from tests.factories import make_campaign, make_labeler, make_task
@@ -139,3 +139,24 @@ def test_disagreement_queue_sends_back_and_makes_gold_with_audit(client, db, jud
         .order_by(AuditEvent.id)
     ).all()
     assert actions == ["task.send_back", "task.gold", "task.ungold"]
+
+
+def test_labeler_page_and_judgment_history_with_its_audit_trail(client, db, judged, as_role):
+    _, careful, lazy = judged
+    as_role("admin")
+    page = client.get(f"/admin/campaigns/quality/labelers/{lazy.id}")
+    assert page.status_code == 200 and 'data-testid="position-bias-flag"' in page.text
+    assert "biased" not in client.get(f"/admin/campaigns/quality/labelers/{careful[0].id}").text
+
+    judgment = db.scalar(select(Judgment).where(Judgment.user_id == lazy.id).limit(1))
+    flipped = [[cid] for tier in reversed(judgment.ranking) for cid in tier]
+    new, _ = labeling.edit(
+        db,
+        user=lazy,
+        judgment_id=judgment.id,
+        answer=EditIn(ranking=flipped, idempotency_key="audit-view-0123456789"),
+    )
+    db.commit()
+    history = client.get(f"/admin/judgments/{judgment.id}").text
+    assert f"<td>{judgment.id}" in history and f"<td>{new.id}" in history
+    assert "judgment.create" in history and "judgment.edit" in history

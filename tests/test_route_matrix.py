@@ -56,6 +56,8 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("POST", "/admin/tasks/{task_id}/send-back"): {ADMIN},
     ("POST", "/admin/tasks/{task_id}/gold"): {ADMIN},
     ("POST", "/admin/tasks/{task_id}/ungold"): {ADMIN},
+    ("GET", "/admin/campaigns/{slug}/labelers/{user_id}"): {ADMIN},
+    ("GET", "/admin/judgments/{judgment_id}"): {ADMIN},
     # labeling (pages and API)
     ("GET", "/label/history"): {LABELER},
     ("GET", "/label/{slug}"): {LABELER},

@@ -10,9 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.responses import RedirectResponse, Response
 
+from app.audit.models import AuditEvent
 from app.auth.models import Role, User
 from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign
+from app.labeling import service as labeling
 from app.labeling.models import Completion, Judgment, Task
 from app.quality import metrics
 from app.quality.service import Filters, disagreements, quality_report, send_back, set_gold
@@ -187,3 +189,75 @@ def unmake_gold(task_id: int, db: DbSession, principal: CurrentPrincipal) -> Res
     flash(db, principal, f"Task {task.id} is a regular task again.")
     db.commit()
     return _back_to_queue(db, task)
+
+
+@router.get("/admin/campaigns/{slug}/labelers/{user_id}")
+def labeler_page(slug: str, user_id: int, request: Request, db: DbSession) -> Response:
+    """One labeler in one campaign: their figures beside the campaign's, their latest work."""
+    campaign = _campaign(db, slug)
+    labeler = db.get(User, user_id)
+    if labeler is None:
+        raise HTTPException(404, "There is no such user.")
+    report = quality_report(db, campaign, resamples=100)
+    mine = next((row for row in report["labelers"] if row["labeler_id"] == user_id), None)
+    recent = db.scalars(
+        select(Judgment)
+        .where(Judgment.campaign_id == campaign.id, Judgment.user_id == user_id)
+        .order_by(Judgment.id.desc())
+        .limit(25)
+    ).all()
+    return render(
+        request,
+        "quality/labeler.html",
+        {
+            "campaign": campaign,
+            "labeler": labeler,
+            "row": mine,
+            "report": report,
+            "recent": recent,
+        },
+        db=db,
+    )
+
+
+@router.get("/admin/judgments/{judgment_id}")
+def judgment_audit(judgment_id: int, request: Request, db: DbSession) -> Response:
+    """A judgment's history: every version, and the audit events about them (who, when)."""
+    judgment = db.get(Judgment, judgment_id)
+    if judgment is None:
+        raise HTTPException(404, "There is no such judgment.")
+    chain = labeling.versions(db, judgment)
+    while True:  # and any later versions
+        newer = db.scalar(select(Judgment).where(Judgment.supersedes_id == chain[-1].id))
+        if newer is None:
+            break
+        chain.append(newer)
+    events = db.scalars(
+        select(AuditEvent)
+        .where(
+            AuditEvent.entity_type == "judgment",
+            AuditEvent.entity_id.in_([str(j.id) for j in chain]),
+        )
+        .order_by(AuditEvent.id)
+    ).all()
+    people = dict(
+        db.execute(
+            select(User.id, User.username).where(
+                User.id.in_({j.user_id for j in chain} | {e.actor_id for e in events})
+            )
+        )
+        .tuples()
+        .all()
+    )
+    return render(
+        request,
+        "quality/judgment.html",
+        {
+            "judgment": judgment,
+            "chain": chain,
+            "events": events,
+            "people": people,
+            "campaign": db.get_one(Campaign, judgment.campaign_id),
+        },
+        db=db,
+    )
