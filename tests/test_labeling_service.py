@@ -312,7 +312,8 @@ def test_gold_tasks_are_mixed_in_at_the_rate_and_reach_every_labeler(db):
     assert service.next_task(db, user=first, campaign=campaign).task_id == gold.id
     assert service.next_task(db, user=second, campaign=campaign).task_id == gold.id
     # Once a labeler has seen the gold task, the regular one comes next.
-    lease = service.active_lease(db, user_id=first.id, campaign_id=campaign.id)
+    lease = service.next_task(db, user=first, campaign=campaign)  # the same lease again
+    assert lease.task_id == gold.id
     service.submit(db, user=first, submit_key=lease.submit_key, answer=rank_all(lease))
     assert service.next_task(db, user=first, campaign=campaign).task_id == regular.id
     db.refresh(gold)

@@ -10,13 +10,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.responses import JSONResponse, Response
 
 from app.auth.models import Role
 from app.campaigns import service as campaigns
-from app.campaigns.models import Campaign, CampaignStatus
+from app.campaigns.models import Campaign
 from app.labeling import service
 from app.labeling.models import Completion, Judgment, Task
 from app.labeling.schemas import (
@@ -122,11 +121,7 @@ def _stored(db: Session, judgment: Judgment, created: bool) -> JSONResponse:
 @router.get("/labeling/campaigns", response_model=list[CampaignProgressOut])
 def my_campaigns(db: DbSession, user: CurrentUser) -> list[CampaignProgressOut]:
     """Active campaigns, with what I judged today and overall and what is left for me."""
-    active = list(
-        db.scalars(
-            select(Campaign).where(Campaign.status == CampaignStatus.active).order_by(Campaign.id)
-        )
-    )
+    active = service.active_campaigns(db)
     mine = service.progress(db, user_id=user.id, campaign_ids=[c.id for c in active])
     return [
         CampaignProgressOut(

@@ -12,12 +12,12 @@ from typing import Annotated, BinaryIO
 
 import typer
 
+from app.campaigns import service as campaigns
 from app.cli_support import fail, load_settings, open_database
 from app.labeling.importer import (
     ImportFormat,
     ImportRejected,
     ImportResult,
-    find_campaign,
     import_stream,
 )
 
@@ -110,7 +110,7 @@ def import_file(
     database = open_database(settings)
     try:
         with _open(file) as (stream, name), database.session() as session:
-            target = find_campaign(session, campaign)
+            target = campaigns.get_by_slug(session, campaign)
             if target is None:
                 fail(f"no campaign '{campaign}' (see `prefloop campaign list`)")
             try:
@@ -122,6 +122,7 @@ def import_file(
                     fmt=format,
                     as_judged=as_judged,
                     skip_invalid=skip_invalid,
+                    on_progress=lambda lines: typer.echo(f"  read {lines:,} lines...", err=True),
                 )
             except ImportRejected as exc:
                 _print_rejection(exc, skip_invalid=skip_invalid)

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from app.audit.models import AuditEvent
 from app.auth.models import Role, User
+from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign
 from app.labeling.importer import (
     FORMAT_LABELS,
@@ -30,7 +31,6 @@ from app.labeling.importer import (
     ImportResult,
     LineError,
     file_kind,
-    find_campaign,
     import_stream,
 )
 from app.web import (
@@ -158,7 +158,7 @@ def _upload(request: Request, db: Session, principal: Principal, data: FormData)
     def refuse(message: str) -> Response:
         return _page(request, db, form=form, error=message, status_code=422)
 
-    campaign = find_campaign(db, form["campaign"])
+    campaign = campaigns.get_by_slug(db, form["campaign"])
     if campaign is None:
         return refuse("Choose the campaign to import into.")
     if form["format"] not in ImportFormat.__members__:
@@ -253,7 +253,7 @@ API_BODY = {
 
 
 def _campaign_or_404(db: Session, slug: str) -> Campaign:
-    campaign = find_campaign(db, slug)
+    campaign = campaigns.get_by_slug(db, slug)
     db.commit()  # end the read: no connection (or SQLite lock) is held while the body arrives
     if campaign is None:
         raise HTTPException(404, f"No campaign '{slug}'.")

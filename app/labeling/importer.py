@@ -54,6 +54,7 @@ from app.labeling.models import (
 MAX_LINE_BYTES = 1 << 20  # 1 MiB per line (per CSV line; a quoted field may span lines)
 MAX_REPORTED_ERRORS = 50
 BATCH_SIZE = 500
+PROGRESS_EVERY = 10_000
 MAX_RANK_COMPLETIONS = 9
 MAX_EXTERNAL_ID = 255
 MAX_PRIORITY = 1_000_000_000
@@ -1041,13 +1042,15 @@ def import_stream(
     ip: str | None = None,
     kind: str | None = None,
     batch_size: int = BATCH_SIZE,
+    on_progress: Callable[[int], None] | None = None,
 ) -> ImportResult:
     """Import a JSON Lines or CSV byte stream into `campaign` (adds and flushes; the caller
     commits). Raises ImportRejected, having written nothing, when any line is bad (unless
     `skip_invalid`) or the file has no data.
 
     `kind` ("jsonl" or "csv") defaults to what the file name says, else to what the
-    first line looks like."""
+    first line looks like. `on_progress` is called with the lines read so far, every
+    PROGRESS_EVERY lines."""
     errors = _Errors()
     result = ImportResult(campaign=campaign.slug, file_name=file_name, as_judged=as_judged)
     writer = _Writer(session, campaign, as_judged)
@@ -1057,6 +1060,8 @@ def import_stream(
         batch: list[Row] = []
         for line, item in read_records(stream, kind or file_kind(file_name)):
             result.lines += 1
+            if on_progress is not None and result.lines % PROGRESS_EVERY == 0:
+                on_progress(result.lines)
             try:
                 if isinstance(item, RowError):
                     raise item
@@ -1102,7 +1107,3 @@ def import_stream(
         savepoint.rollback()
         raise
     return result
-
-
-def find_campaign(session: Session, slug: str) -> Campaign | None:
-    return session.scalar(select(Campaign).where(Campaign.slug == slug))

@@ -264,21 +264,6 @@ def _lock_user_and_find_lease(db: Session, *, user_id: int, campaign_id: int) ->
     return db.scalar(_LIVE_LEASE, {"user_id": user_id, "campaign_id": campaign_id})
 
 
-def active_lease(db: Session, *, user_id: int, campaign_id: int) -> Assignment | None:
-    """The labeler's live lease in this campaign, if any (a reload serves it again)."""
-    return db.scalar(
-        select(Assignment)
-        .join(Task, Task.id == Assignment.task_id)
-        .where(
-            Assignment.user_id == user_id,
-            Assignment.state == AssignmentState.active,
-            Task.campaign_id == campaign_id,
-        )
-        .order_by(Assignment.id.desc())
-        .limit(1)
-    )
-
-
 _last_sweep: dt.datetime | None = None
 
 
@@ -774,6 +759,15 @@ def shown_strength(judgment: Judgment, task: Task) -> int | None:
         -judgment.pairwise_strength
         if judgment.display_order != canonical
         else judgment.pairwise_strength
+    )
+
+
+def active_campaigns(db: Session) -> list[Campaign]:
+    """The campaigns labelers can work on now, oldest first."""
+    return list(
+        db.scalars(
+            select(Campaign).where(Campaign.status == CampaignStatus.active).order_by(Campaign.id)
+        )
     )
 
 

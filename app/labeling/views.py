@@ -19,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 
 from app.auth.models import Role, User
 from app.campaigns import service as campaigns
-from app.campaigns.models import Campaign, CampaignGuidelines, CampaignStatus
+from app.campaigns.models import Campaign, CampaignGuidelines
 from app.labeling import service
 from app.labeling.models import Completion, Judgment, Prompt, Task
 from app.labeling.schemas import SKIP_REASONS, STRENGTH_LABELS, EditIn, JudgmentIn
@@ -129,11 +129,7 @@ def _task_response(
 @router.get("/label")
 def queue(request: Request, db: DbSession, user: CurrentUser) -> Response:
     """My campaigns: what I did today and overall, what is left, and a Start button."""
-    active = list(
-        db.scalars(
-            select(Campaign).where(Campaign.status == CampaignStatus.active).order_by(Campaign.id)
-        )
-    )
+    active = service.active_campaigns(db)
     mine = service.progress(db, user_id=user.id, campaign_ids=[c.id for c in active])
     rows = [{"campaign": c, "progress": mine[c.id]} for c in active]
     return render(request, "labeling/queue.html", {"rows": rows}, db=db)
@@ -154,11 +150,19 @@ def history(
             select(Prompt).where(Prompt.id.in_({t.prompt_id for t in tasks.values()}))
         )
     }
-    slugs = dict(db.execute(select(Campaign.id, Campaign.name)).tuples().all())
+    campaign_names = dict(
+        db.execute(
+            select(Campaign.id, Campaign.name).where(
+                Campaign.id.in_({j.campaign_id for j in judgments})
+            )
+        )
+        .tuples()
+        .all()
+    )
     rows = [
         {
             "judgment": j,
-            "campaign": slugs.get(j.campaign_id, ""),
+            "campaign": campaign_names.get(j.campaign_id, ""),
             "prompt": prompts[tasks[j.task_id].prompt_id],
         }
         for j in judgments

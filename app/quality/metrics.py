@@ -117,26 +117,56 @@ def mean_kendall_tau(votes: Iterable[Vote]) -> float:
     return sum(scores) / len(scores) if scores else math.nan
 
 
-def krippendorff_alpha(votes: Iterable[Vote]) -> float:
-    """Ordinal Krippendorff's alpha; units are (task, completion), values the ranks."""
+def rank_matrix(votes: Iterable[Vote], labelers: Sequence[Hashable]) -> Any:
+    """Krippendorff's reliability data: one row per labeler (in `labelers` order), one column
+    per (task, completion) unit, holding the completion's place; nan where not judged."""
     import numpy as np
-    from krippendorff import alpha
 
     votes = list(votes)
-    labelers = sorted({v.labeler for v in votes}, key=str)
     units = sorted({(v.task, cid) for v in votes for cid in places(v.ranking)}, key=str)
-    if len(labelers) < 2 or not units:
-        return math.nan
     row = {labeler: i for i, labeler in enumerate(labelers)}
     column = {unit: j for j, unit in enumerate(units)}
     data = np.full((len(labelers), len(units)), np.nan)
     for vote in votes:
         for cid, place in places(vote.ranking).items():
             data[row[vote.labeler], column[(vote.task, cid)]] = place
-    paired = np.sum(~np.isnan(data), axis=0) >= 2  # a unit one labeler saw says nothing
-    if not paired.any() or len(np.unique(data[:, paired][~np.isnan(data[:, paired])])) < 2:
+    return data
+
+
+def alpha_from_matrix(data: Any) -> float:
+    """Ordinal Krippendorff's alpha of a reliability matrix (the `krippendorff` package)."""
+    import numpy as np
+    from krippendorff import alpha
+
+    if data.shape[0] < 2 or data.shape[1] == 0:
         return math.nan
-    return float(alpha(reliability_data=data[:, paired], level_of_measurement="ordinal"))
+    paired = data[:, np.sum(~np.isnan(data), axis=0) >= 2]  # a unit seen once says nothing
+    if paired.shape[1] == 0 or len(np.unique(paired[~np.isnan(paired)])) < 2:
+        return math.nan
+    return float(alpha(reliability_data=paired, level_of_measurement="ordinal"))
+
+
+def krippendorff_alpha(votes: Iterable[Vote]) -> float:
+    """Ordinal Krippendorff's alpha; units are (task, completion), values the ranks."""
+    votes = list(votes)
+    labelers = sorted({v.labeler for v in votes}, key=str)
+    return alpha_from_matrix(rank_matrix(votes, labelers))
+
+
+def pair_choice_counts(votes: Iterable[Vote]) -> dict[tuple[Hashable, tuple[int, int]], list[int]]:
+    """Per (task, pair): how many labelers chose (first better, tie, second better)."""
+    counts: dict[tuple[Hashable, tuple[int, int]], list[int]] = {}
+    for vote in votes:
+        for pair, preference in pair_preferences(vote.ranking).items():
+            bucket = counts.setdefault((vote.task, pair), [0, 0, 0])
+            bucket[0 if preference == 1.0 else 1 if preference == 0.5 else 2] += 1
+    return counts
+
+
+def modal_raters(counts: Iterable[Sequence[int]]) -> int | None:
+    """The most common number of raters per subject (at least 2), or None."""
+    sizes = [sum(c) for c in counts if sum(c) >= 2]
+    return max(sorted(set(sizes)), key=sizes.count) if sizes else None
 
 
 def pair_choice_table(votes: Iterable[Vote]) -> Any:
@@ -148,26 +178,25 @@ def pair_choice_table(votes: Iterable[Vote]) -> Any:
     """
     import numpy as np
 
-    counts: dict[tuple[Hashable, tuple[int, int]], list[int]] = {}
-    for vote in votes:
-        for pair, preference in pair_preferences(vote.ranking).items():
-            bucket = counts.setdefault((vote.task, pair), [0, 0, 0])
-            bucket[0 if preference == 1.0 else 1 if preference == 0.5 else 2] += 1
-    sizes = [sum(c) for c in counts.values() if sum(c) >= 2]
-    if not sizes:
+    counts = pair_choice_counts(votes)
+    raters = modal_raters(counts.values())
+    if raters is None:
         return np.zeros((0, 3), dtype=int)
-    raters = max(sorted(set(sizes)), key=sizes.count)
     return np.array([c for c in counts.values() if sum(c) == raters], dtype=int)
 
 
-def fleiss_kappa_pairs(votes: Iterable[Vote]) -> float:
-    """Fleiss' kappa on pairwise choices (statsmodels), over `pair_choice_table`."""
+def kappa_from_table(table: Any) -> float:
+    """Fleiss' kappa of a subjects x categories count table (statsmodels)."""
     from statsmodels.stats.inter_rater import fleiss_kappa
 
-    table = pair_choice_table(votes)
     if len(table) == 0 or (table.sum(axis=0) > 0).sum() < 2:
-        return math.nan  # no pairs, or one category only: kappa is undefined
+        return math.nan  # no subjects, or one category only: kappa is undefined
     return float(fleiss_kappa(table, method="fleiss"))
+
+
+def fleiss_kappa_pairs(votes: Iterable[Vote]) -> float:
+    """Fleiss' kappa on pairwise choices, over `pair_choice_table`."""
+    return kappa_from_table(pair_choice_table(votes))
 
 
 def bradley_terry(

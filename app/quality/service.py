@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -122,18 +123,31 @@ def campaign_agreement(
     def resampled(scores: list[float]):
         return lambda sample: mean_of([scores[i] for i in sample])
 
-    def flattened(metric):
-        # Re-key each draw's task so that a task drawn twice is two tasks, not one.
-        return lambda sample: metric(
-            Vote((draw, v.task), v.labeler, v.ranking)
-            for draw, i in enumerate(sample)
-            for v in shared[i]
-        )
-
+    # Krippendorff's alpha and Fleiss' kappa need the whole sample at once: build each
+    # task's share of the matrix and of the table once, and let a resample stack them.
     heavy = len(shared) <= HEAVY_INTERVAL_MAX_TASKS
     everything = [v for votes in shared for v in votes]
-    alpha = metrics.krippendorff_alpha(everything)
-    kappa = metrics.fleiss_kappa_pairs(everything)
+    labelers = sorted({v.labeler for v in everything}, key=str)
+    blocks = [metrics.rank_matrix(votes, labelers) for votes in shared]
+    task_counts = [list(metrics.pair_choice_counts(votes).values()) for votes in shared]
+    raters = metrics.modal_raters(c for counts in task_counts for c in counts)
+    table_rows = [
+        np.array([c for c in counts if sum(c) == raters], dtype=int).reshape(-1, 3)
+        for counts in task_counts
+    ]
+
+    def alpha_of(sample: list[int]) -> float:
+        if not sample:
+            return math.nan
+        return metrics.alpha_from_matrix(np.hstack([blocks[i] for i in sample]))
+
+    def kappa_of(sample: list[int]) -> float:
+        if not sample:
+            return math.nan
+        return metrics.kappa_from_table(np.vstack([table_rows[i] for i in sample]))
+
+    alpha = alpha_of(indexes)
+    kappa = kappa_of(indexes)
     return {
         "tasks_compared": len(shared),
         "judgments": len(rows),
@@ -156,12 +170,7 @@ def campaign_agreement(
         "krippendorff_alpha": {
             "value": _value(alpha),
             "interval": _interval(
-                metrics.bootstrap_interval(
-                    indexes,
-                    flattened(metrics.krippendorff_alpha),
-                    resamples=min(resamples, 100),
-                    seed=seed,
-                )
+                metrics.bootstrap_interval(indexes, alpha_of, resamples=resamples, seed=seed)
             )
             if heavy
             else None,
@@ -169,12 +178,7 @@ def campaign_agreement(
         "fleiss_kappa": {
             "value": _value(kappa),
             "interval": _interval(
-                metrics.bootstrap_interval(
-                    indexes,
-                    flattened(metrics.fleiss_kappa_pairs),
-                    resamples=min(resamples, 100),
-                    seed=seed,
-                )
+                metrics.bootstrap_interval(indexes, kappa_of, resamples=resamples, seed=seed)
             )
             if heavy
             else None,

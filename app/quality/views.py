@@ -17,7 +17,15 @@ from app.campaigns.models import Campaign
 from app.labeling import service as labeling
 from app.labeling.models import Completion, Judgment, Task
 from app.quality import metrics
-from app.quality.service import Filters, disagreements, quality_report, send_back, set_gold
+from app.quality.service import (
+    Filters,
+    disagreements,
+    labeler_stats,
+    load_judgments,
+    quality_report,
+    send_back,
+    set_gold,
+)
 from app.rendering import render_markdown
 from app.web import CurrentPrincipal, DbSession, flash, render, require_roles
 
@@ -198,8 +206,10 @@ def labeler_page(slug: str, user_id: int, request: Request, db: DbSession) -> Re
     labeler = db.get(User, user_id)
     if labeler is None:
         raise HTTPException(404, "There is no such user.")
-    report = quality_report(db, campaign, resamples=100)
-    mine = next((row for row in report["labelers"] if row["labeler_id"] == user_id), None)
+    # Only the labeler table: the campaign's agreement intervals are not shown here.
+    rows = load_judgments(db, campaign, Filters())
+    everyone = labeler_stats(db, campaign, rows)
+    mine = next((row for row in everyone if row["labeler_id"] == user_id), None)
     recent = db.scalars(
         select(Judgment)
         .where(Judgment.campaign_id == campaign.id, Judgment.user_id == user_id)
@@ -213,7 +223,8 @@ def labeler_page(slug: str, user_id: int, request: Request, db: DbSession) -> Re
             "campaign": campaign,
             "labeler": labeler,
             "row": mine,
-            "report": report,
+            "everyone": everyone,
+            "judgments_in_campaign": len(rows),
             "recent": recent,
         },
         db=db,
