@@ -19,6 +19,7 @@ from app.labeling.models import (
     TaskCompletion,
     TaskStatus,
 )
+from app.quality.models import LabelerExclusion, QualityReport
 
 __all__ = [
     "ApiToken",
@@ -39,10 +40,12 @@ __all__ = [
     "JobMetric",
     "JobState",
     "Judgment",
+    "LabelerExclusion",
     "LoginAttempt",
     "ModelKind",
     "ModelVersion",
     "Prompt",
+    "QualityReport",
     "Role",
     "Task",
     "TaskCompletion",

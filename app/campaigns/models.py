@@ -33,6 +33,7 @@ class Campaign(Base):
         CheckConstraint("k BETWEEN 2 AND 9", name="k_range"),
         CheckConstraint("overlap >= 1", name="overlap_positive"),
         CheckConstraint("gold_rate >= 0 AND gold_rate <= 1", name="gold_rate_range"),
+        CheckConstraint("recheck_rate >= 0 AND recheck_rate <= 0.5", name="recheck_rate_range"),
         CheckConstraint("lease_minutes >= 1", name="lease_positive"),
         CheckConstraint("guidelines_version >= 1", name="guidelines_version_positive"),
     )
@@ -52,6 +53,8 @@ class Campaign(Base):
     gold_rate: Mapped[float] = mapped_column(
         Float, default=0.0
     )  # share of served tasks that are gold
+    # Share of served tasks that re-serve one of the labeler's own past tasks (self-consistency).
+    recheck_rate: Mapped[float] = mapped_column(Float, default=0.0)
     lease_minutes: Mapped[int] = mapped_column(Integer, default=30)
     allow_ties: Mapped[bool] = mapped_column(Boolean, default=True)
     flags: Mapped[list[str]] = mapped_column(JSONType, default=lambda: list(DEFAULT_FLAGS))

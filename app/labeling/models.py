@@ -116,6 +116,10 @@ class Task(Base):
     is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
     # The expected ranking for gold tasks: tiers of completion ids, best first.
     gold_ranking: Mapped[list[list[int]] | None] = mapped_column(JSONType)
+    # A disputed task's answer as an admin recorded it; it overrides the computed consensus.
+    resolved_ranking: Mapped[list[list[int]] | None] = mapped_column(JSONType)
+    resolved_by_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id"))
+    resolved_at: Mapped[dt.datetime | None]
     created_at: Mapped[CreatedAt]
 
     items: Mapped[list[TaskCompletion]] = relationship(
@@ -152,8 +156,9 @@ class Assignment(Base):
 
     __tablename__ = "assignments"
     __table_args__ = (
-        # Never the same task twice to one labeler, whatever happened to the first lease.
-        UniqueConstraint("task_id", "user_id"),
+        # Never the same task twice to one labeler, whatever happened to the first lease,
+        # except once more as a self-consistency re-check.
+        UniqueConstraint("task_id", "user_id", "is_recheck"),
         Index("ix_assignments_user_id_state", "user_id", "state"),
         Index("ix_assignments_task_id_state", "task_id", "state"),
         Index("ix_assignments_state_lease_expires_at", "state", "lease_expires_at"),
@@ -173,6 +178,9 @@ class Assignment(Base):
     lease_expires_at: Mapped[dt.datetime]
     finished_at: Mapped[dt.datetime | None]
     skip_reason: Mapped[str | None] = mapped_column(Text)
+    # A labeler's own past task served again in a new order, to measure self-consistency.
+    # It takes no slot on the task and its judgment does not count towards the overlap.
+    is_recheck: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Judgment(Base):
@@ -215,6 +223,11 @@ class Judgment(Base):
     payload_hash: Mapped[str] = mapped_column(String(64))  # same key, other payload -> rejected
     supersedes_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("judgments.id"), index=True)
     is_current: Mapped[bool] = mapped_column(Boolean, default=True)
+    # A self-consistency re-check answers the same task again: it points at the judgment it
+    # re-checks, is never current, and yields no comparisons.
+    recheck_of_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("judgments.id"), index=True
+    )
     created_at: Mapped[CreatedAt]
 
 
@@ -250,6 +263,7 @@ class Comparison(Base):
     source: Mapped[ComparisonSource] = mapped_column(
         str_enum(ComparisonSource, "comparison_source"), default=ComparisonSource.human
     )
-    # False once the judgment is superseded or its labeler excluded; kept for the record.
+    # False once the judgment is superseded; kept for the record. Excluded labelers are
+    # filtered when read (see app.quality.service.not_excluded), so an exclusion is reversible.
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[CreatedAt]
