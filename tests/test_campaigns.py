@@ -89,6 +89,8 @@ def test_good_slugs_and_defaults() -> None:
         ("overlap", 51, "between 1 and 50"),
         ("gold_rate", 1.5, "between 0 and 1"),
         ("gold_rate", -0.1, "between 0 and 1"),
+        ("recheck_rate", 0.6, "between 0 and 0.5"),
+        ("recheck_rate", "often", "Enter a number"),
         ("lease_minutes", 0, "1 to 1440"),
         ("lease_minutes", 1441, "1 to 1440"),
         ("mode", "best-of", "rank, pairwise or demonstration"),
@@ -390,14 +392,19 @@ def test_edit_settings_guidelines_and_status(client, sign_in, db: Session) -> No
 
 def test_saving_the_form_unchanged_changes_nothing(client, sign_in, db: Session) -> None:
     campaign = new_campaign(
-        db, "steady", gold_rate=1 / 3, guidelines_md="# Rules\n\n1. one", flags=["a", "b"]
+        db,
+        "steady",
+        gold_rate=1 / 3,
+        recheck_rate=1 / 7,
+        guidelines_md="# Rules\n\n1. one",
+        flags=["a", "b"],
     )
     db.commit()
     csrf = sign_in("admin")
     page = client.get("/admin/campaigns/steady").text
     shown = {
         name: re.search(rf'id="f-{name}"[^>]*value="([^"]*)"', page).group(1)
-        for name in ("name", "k", "overlap", "gold_percent", "lease_minutes")
+        for name in ("name", "k", "overlap", "gold_percent", "recheck_percent", "lease_minutes")
     }
     guidelines = re.search(r'id="f-guidelines_md".*?>(.*?)</textarea>', page, re.S).group(1)
     flags = re.search(r'id="f-flags".*?>(.*?)</textarea>', page, re.S).group(1)
@@ -411,7 +418,44 @@ def test_saving_the_form_unchanged_changes_nothing(client, sign_in, db: Session)
     assert events(db, campaign, "campaign.update") == []
     assert "Nothing changed." in client.get("/admin/campaigns/steady").text
     db.refresh(campaign)
-    assert (campaign.guidelines_version, campaign.gold_rate) == (1, 1 / 3)
+    assert (campaign.guidelines_version, campaign.gold_rate, campaign.recheck_rate) == (
+        1,
+        1 / 3,
+        1 / 7,
+    )
+
+
+def test_the_recheck_rate_through_the_form(client, sign_in, db: Session, users) -> None:
+    csrf = sign_in("admin")
+    assert 'id="f-recheck_percent"' in client.get("/admin/campaigns/new").text
+    created = client.post(
+        "/admin/campaigns",
+        data=form(csrf, slug="again", recheck_percent="20"),
+        follow_redirects=False,
+    )
+    assert created.status_code == 303, created.text
+    campaign = service.get_by_slug(db, "again")
+    assert campaign.recheck_rate == 0.2
+    assert re.search(
+        r'id="f-recheck_percent"[^>]*value="20"', client.get("/admin/campaigns/again").text
+    )
+
+    too_many = client.post("/admin/campaigns/again", data=form(csrf, recheck_percent="60"))
+    assert too_many.status_code == 422
+    assert "The re-check rate must be between 0 and 0.5 (0 % to 50 %)." in too_many.text
+    demo = client.post(
+        "/admin/campaigns/again", data=form(csrf, mode="demonstration", recheck_percent="5")
+    )
+    assert demo.status_code == 422 and "rank and pairwise campaigns only" in demo.text
+    saved = client.post(
+        "/admin/campaigns/again", data=form(csrf, recheck_percent="5 %"), follow_redirects=False
+    )
+    assert saved.status_code == 303
+    db.refresh(campaign)
+    assert campaign.recheck_rate == 0.05
+    [update] = events(db, campaign, "campaign.update")
+    assert (update.before, update.after) == ({"recheck_rate": 0.2}, {"recheck_rate": 0.05})
+    assert update.actor_id == users.admin.id
 
 
 def test_hostile_guidelines_are_shown_as_text(client, sign_in, db: Session) -> None:
@@ -447,7 +491,8 @@ def test_cli_create_list_show_update(fresh_database_url: str, tmp_path: Path) ->
     guidelines.write_text("# Version one\n", encoding="utf-8")
     created = run_cli(
         "campaign", "create", "cli-camp", "--name", "From the CLI", "--k", "3",
-        "--overlap", "2", "--gold-rate", "0.25", "--no-ties", "--flags", "rude, unsafe",
+        "--overlap", "2", "--gold-rate", "0.25", "--recheck-rate", "0.1", "--no-ties",
+        "--flags", "rude, unsafe",
         "--guidelines-file", str(guidelines),
         env=env, cwd=tmp_path,
     )  # fmt: skip
@@ -479,6 +524,7 @@ def test_cli_create_list_show_update(fresh_database_url: str, tmp_path: Path) ->
     assert row[:8] == ["cli-camp", "rank", "3", "4", "0.25", "paused", "0", "0"], listed.stdout
     assert shown.returncode == 0, shown.stderr
     assert "version 2 of 2" in shown.stdout and "rude, unsafe" in shown.stdout
+    assert "re-check rate:  0.1" in shown.stdout
     expected = [
         (2, "error: SLUG: A campaign with the slug 'cli-camp' already exists"),
         (2, "error: --overlap: Enter a whole number"),
@@ -495,6 +541,7 @@ def test_cli_create_list_show_update(fresh_database_url: str, tmp_path: Path) ->
             campaign = service.get_by_slug(session, "cli-camp")
             assert campaign is not None
             assert (campaign.allow_ties, campaign.gold_rate, campaign.overlap) == (False, 0.25, 4)
+            assert campaign.recheck_rate == 0.1
             assert campaign.guidelines_md == "# Version two"
             assert campaign.status == CampaignStatus.paused
             assert [c.slug for c in session.scalars(select(Campaign))] == ["cli-camp"]
@@ -513,6 +560,7 @@ def test_cli_rejects_bad_options_before_touching_the_database(tmp_path: Path) ->
         ("campaign", "create", "ok-slug", "--k", "12"),
         ("campaign", "create", "ok-slug", "--mode", "best", "--flags", "a,A"),
         ("campaign", "update", "ok-slug", "--status", "closed"),
+        ("campaign", "create", "ok-slug", "--recheck-rate", "0.7"),
         ("campaign", "create", "ok-slug", "--guidelines-file", str(tmp_path / "missing.md")),
         env=env,
         cwd=tmp_path,
@@ -522,6 +570,7 @@ def test_cli_rejects_bad_options_before_touching_the_database(tmp_path: Path) ->
         "error: --k: K must be between 2 and 9",
         "error: --mode: Choose rank, pairwise or demonstration; --flags: The flag 'A' is listed twice",
         "error: --status: Choose draft, active, paused or archived",
+        "error: --recheck-rate: The re-check rate must be between 0 and 0.5 (0 % to 50 %)",
         "error: --guidelines-file: cannot read",
     ]
     for result, start in zip(results, expected, strict=True):

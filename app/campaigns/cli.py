@@ -38,6 +38,7 @@ OPTION_NAMES = {
     "mode": "--mode",
     "overlap": "--overlap",
     "gold_rate": "--gold-rate",
+    "recheck_rate": "--recheck-rate",
     "lease_minutes": "--lease-minutes",
     "allow_ties": "--ties/--no-ties",
     "flags": "--flags",
@@ -63,6 +64,14 @@ OverlapOpt = Annotated[
 GoldRateOpt = Annotated[
     str | None,
     typer.Option(metavar="RATE", help="Share of served tasks that are gold, 0..1 (default 0)."),
+]
+RecheckRateOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="RATE",
+        help="Share of served tasks that repeat one of the labeler's own earlier tasks in a new "
+        "order (self-consistency), 0..0.5; rank and pairwise only (default 0).",
+    ),
 ]
 LeaseOpt = Annotated[
     str | None,
@@ -140,6 +149,7 @@ def campaign_create(
     mode: ModeOpt = None,
     overlap: OverlapOpt = None,
     gold_rate: GoldRateOpt = None,
+    recheck_rate: RecheckRateOpt = None,
     lease_minutes: LeaseOpt = None,
     ties: TiesOpt = None,
     flags: FlagsOpt = None,
@@ -153,6 +163,7 @@ def campaign_create(
         mode=mode,
         overlap=overlap,
         gold_rate=gold_rate,
+        recheck_rate=recheck_rate,
         lease_minutes=lease_minutes,
         allow_ties=ties,
         flags=flags,
@@ -214,6 +225,7 @@ def campaign_show(slug: SlugArg) -> None:
             ("k", campaign.k),
             ("overlap", campaign.overlap),
             ("gold rate", f"{campaign.gold_rate:g}"),
+            ("re-check rate", f"{campaign.recheck_rate:g}"),
             ("lease minutes", campaign.lease_minutes),
             ("ties", "allowed" if campaign.allow_ties else "not allowed"),
             ("flags", ", ".join(campaign.flags) or "(none)"),
@@ -236,6 +248,7 @@ def campaign_update(
     mode: ModeOpt = None,
     overlap: OverlapOpt = None,
     gold_rate: GoldRateOpt = None,
+    recheck_rate: RecheckRateOpt = None,
     lease_minutes: LeaseOpt = None,
     ties: TiesOpt = None,
     flags: FlagsOpt = None,
@@ -250,6 +263,7 @@ def campaign_update(
         mode=mode,
         overlap=overlap,
         gold_rate=gold_rate,
+        recheck_rate=recheck_rate,
         lease_minutes=lease_minutes,
         allow_ties=ties,
         flags=flags,

@@ -11,7 +11,14 @@ import re
 from collections.abc import Mapping
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from app.campaigns.models import DEFAULT_FLAGS, Campaign, CampaignMode, CampaignStatus
 
@@ -23,6 +30,7 @@ RESERVED_SLUGS = frozenset({"new", "preview", "history", "judgments"})
 K_MIN, K_MAX = 2, 9
 OVERLAP_MAX = 50
 LEASE_MAX_MINUTES = 24 * 60
+RECHECK_RATE_MAX = 0.5  # at most every other served task repeats one of the labeler's own
 NAME_MAX = 200
 DESCRIPTION_MAX = 5_000
 GUIDELINES_MAX = 100_000
@@ -79,6 +87,7 @@ class CampaignSettings(BaseModel):
     mode: CampaignMode = CampaignMode.rank
     overlap: int = 3
     gold_rate: float = 0.0
+    recheck_rate: float = 0.0
     lease_minutes: int = 30
     allow_ties: bool = True
     flags: list[str] = list(DEFAULT_FLAGS)
@@ -132,6 +141,22 @@ class CampaignSettings(BaseModel):
     @classmethod
     def _gold_rate(cls, value: float) -> float:
         _in_range(value, 0.0, 1.0, "The gold rate must be between 0 and 1 (0 % to 100 %).")
+        return value
+
+    @field_validator("recheck_rate")
+    @classmethod
+    def _recheck_rate(cls, value: float, info: ValidationInfo) -> float:
+        _in_range(
+            value,
+            0.0,
+            RECHECK_RATE_MAX,
+            f"The re-check rate must be between 0 and {RECHECK_RATE_MAX:g} "
+            f"(0 % to {RECHECK_RATE_MAX * 100:g} %).",
+        )
+        # A re-check compares two rankings; a written demonstration has none. (The mode is
+        # declared before the rate, so it is validated first.)
+        if value > 0 and info.data.get("mode") == CampaignMode.demonstration:
+            raise ValueError("Re-checks work in rank and pairwise campaigns only; use 0.")
         return value
 
     @field_validator("lease_minutes")

@@ -20,6 +20,7 @@ from app.campaigns.schemas import (
     K_MIN,
     LEASE_MAX_MINUTES,
     OVERLAP_MAX,
+    RECHECK_RATE_MAX,
     CampaignCreate,
     InvalidCampaign,
     parse_create,
@@ -44,7 +45,10 @@ LIMITS = {
     "lease_max": LEASE_MAX_MINUTES,
     "guidelines_max": GUIDELINES_MAX,
     "flag_max": FLAG_MAX_LENGTH,
+    "recheck_max_percent": f"{RECHECK_RATE_MAX * 100:g}",
 }
+# Rates the form takes as percentages: form field -> schema field.
+PERCENT_FIELDS = {"gold_percent": "gold_rate", "recheck_percent": "recheck_rate"}
 
 
 def form_fields(
@@ -55,6 +59,7 @@ def form_fields(
     mode: Annotated[str, Form()] = "",
     overlap: Annotated[str, Form()] = "",
     gold_percent: Annotated[str, Form()] = "",
+    recheck_percent: Annotated[str, Form()] = "",
     lease_minutes: Annotated[str, Form()] = "",
     allow_ties: Annotated[str | None, Form()] = None,
     flags: Annotated[str, Form()] = "",
@@ -68,6 +73,7 @@ def form_fields(
         "mode": mode,
         "overlap": overlap,
         "gold_percent": gold_percent,
+        "recheck_percent": recheck_percent,
         "lease_minutes": lease_minutes,
         "allow_ties": allow_ties is not None,
         "flags": flags,
@@ -82,13 +88,14 @@ def _percent(value: float) -> str:
 
 
 def _to_input(form: dict[str, Any]) -> dict[str, Any]:
-    """Form strings to schema input: the gold rate is entered as a percentage."""
-    values = {key: value for key, value in form.items() if key not in ("gold_percent", "slug")}
-    percent = str(form.get("gold_percent", "")).strip().rstrip("%").strip()
-    try:
-        values["gold_rate"] = float(percent or 0) / 100
-    except ValueError:
-        values["gold_rate"] = percent  # rejected by the schema as "Enter a number."
+    """Form strings to schema input: the gold and re-check rates are entered as percentages."""
+    values = {key: value for key, value in form.items() if key not in {*PERCENT_FIELDS, "slug"}}
+    for field, rate in PERCENT_FIELDS.items():
+        percent = str(form.get(field, "")).strip().rstrip("%").strip()
+        try:
+            values[rate] = float(percent or 0) / 100
+        except ValueError:
+            values[rate] = percent  # rejected by the schema as "Enter a number."
     return values
 
 
@@ -105,6 +112,7 @@ def form_of(campaign: Campaign | None) -> dict[str, Any]:
         "mode": source.mode.value,
         "overlap": str(source.overlap),
         "gold_percent": _percent(source.gold_rate),
+        "recheck_percent": _percent(source.recheck_rate),
         "lease_minutes": str(source.lease_minutes),
         "allow_ties": source.allow_ties,
         "flags": "\n".join(source.flags),

@@ -107,7 +107,12 @@ def judgment_out(db: Session, judgment: Judgment) -> JudgmentOut:
         supersedes_id=judgment.supersedes_id,
         is_current=judgment.is_current,
         created_at=judgment.created_at,
-        comparisons=len(service.pairs_from_ranking(judgment.ranking or [])),
+        # A re-check's answer is kept for self-consistency only: it yields no comparisons.
+        comparisons=(
+            0
+            if judgment.recheck_of_id is not None
+            else len(service.pairs_from_ranking(judgment.ranking or []))
+        ),
     )
 
 

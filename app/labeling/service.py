@@ -10,6 +10,11 @@ labelers never wait on each other's rows; on SQLite every write transaction is s
 Submits are idempotent: the key rendered with the task becomes the judgment's idempotency
 key, so a double click or a retry stores one judgment and answers the same.
 
+Self-consistency re-checks: at the campaign's `recheck_rate`, a new lease may instead serve
+one of the labeler's own earlier tasks again, in a different order, looking exactly like any
+other task. A re-check takes no slot and changes no task counter; its judgment points at the
+original (`recheck_of_id`), is never current and yields no comparisons.
+
 Functions only add and flush; the request (or test) owns the transaction.
 """
 
@@ -63,6 +68,12 @@ RATING_RANGE = range(1, 8)
 # PostgreSQL advisory lock key for the lease sweep: one sweeper at a time, others skip it.
 SWEEP_LOCK_KEY = 0x70666C_01
 SWEEP_EVERY = dt.timedelta(seconds=5)
+# A re-check never repeats one of the labeler's latest judgments in the campaign, so the
+# repeat is not immediate (and a labeler needs more than this many before any re-check).
+RECHECK_MIN_GAP = 10
+# Re-checks are drawn at random from the labeler's oldest eligible judgments, at most this
+# many, so the lookup stays bounded however much they have labeled.
+RECHECK_POOL = 200
 
 
 class LabelingError(Exception):
@@ -165,6 +176,19 @@ def strength_to_ranking(strength: int, shown: list[int]) -> list[list[int]]:
     return [[a, b]]
 
 
+def recheck_order(shown: list[int], rng: random.Random) -> list[int]:
+    """A display order for a re-check that differs from the one shown before (for two
+    completions, the reverse)."""
+    if len(set(shown)) < 2:
+        return list(shown)
+    if len(shown) == 2:
+        return shown[::-1]
+    order = list(shown)
+    while order == shown:
+        rng.shuffle(order)
+    return order
+
+
 def check_answer(
     campaign: Campaign, completion_ids: list[int], shown: list[int], answer: JudgmentIn
 ):
@@ -219,21 +243,23 @@ def expire_leases(db: Session, *, now: dt.datetime | None = None) -> int:
         text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SWEEP_LOCK_KEY}
     ):
         return 0  # another transaction is sweeping right now
-    task_ids = db.scalars(
+    expired = db.execute(
         update(Assignment)
         .where(Assignment.state == AssignmentState.active, Assignment.lease_expires_at < now)
         .values(state=AssignmentState.expired, finished_at=now)
-        .returning(Assignment.task_id)
+        .returning(Assignment.task_id, Assignment.is_recheck)
         .execution_options(synchronize_session=False)
     ).all()
-    for task_id, freed in sorted(Counter(task_ids).items()):  # sorted: a stable lock order
+    # A re-check lease holds no slot, so it frees none.
+    slots = Counter(task_id for task_id, is_recheck in expired if not is_recheck)
+    for task_id, freed in sorted(slots.items()):  # sorted: a stable lock order
         db.execute(
             update(Task)
             .where(Task.id == task_id)
             .values(assigned_count=Task.assigned_count - freed)
             .execution_options(synchronize_session=False)
         )
-    return len(task_ids)
+    return len(expired)
 
 
 # The hot statements are built once, with bound parameters: building a statement costs more
@@ -322,6 +348,80 @@ def _claim(db: Session, *, user_id: int, campaign_id: int, gold: bool) -> tuple[
     return (row[0], row[1]) if row else None
 
 
+def _recheck_candidates_statement() -> Any:
+    """The labeler's judgments that may be re-checked, oldest first, at most RECHECK_POOL.
+
+    Eligible: their current judgment (not itself a re-check) of a non-gold task that is not
+    withdrawn, that they have not been re-served yet, older than their RECHECK_MIN_GAP
+    latest judgments in the campaign (with fewer than that, the cut-off is NULL: none).
+    """
+    latest = aliased(Judgment)
+    cutoff = (
+        select(latest.id)
+        .where(
+            latest.user_id == bindparam("user_id"),
+            latest.campaign_id == bindparam("campaign_id"),
+        )
+        .order_by(latest.id.desc())
+        .offset(RECHECK_MIN_GAP - 1)
+        .limit(1)
+        .scalar_subquery()
+    )
+    rechecked = exists().where(
+        Assignment.task_id == Judgment.task_id,
+        Assignment.user_id == Judgment.user_id,
+        Assignment.is_recheck.is_(true()),
+    )
+    return (
+        select(Judgment.id, Judgment.task_id, Judgment.display_order)
+        .join(Task, Task.id == Judgment.task_id)
+        .where(
+            Judgment.user_id == bindparam("user_id"),
+            Judgment.campaign_id == bindparam("campaign_id"),
+            Judgment.is_current.is_(true()),
+            Judgment.recheck_of_id.is_(None),
+            Judgment.id < cutoff,
+            Task.is_gold.is_(false()),
+            Task.status != TaskStatus.retired,
+            ~rechecked,
+        )
+        .order_by(Judgment.id)
+        .limit(RECHECK_POOL)
+    )
+
+
+_RECHECK_CANDIDATES = _recheck_candidates_statement()
+
+
+def _lease_recheck(
+    db: Session, *, user: User, campaign: Campaign, now: dt.datetime, rng: random.Random
+) -> ServedTask | None:
+    """Serve one of the labeler's own earlier tasks again, in a new order; None if none fits.
+
+    It takes no slot: the task's counters and status are left alone. The labeler's row is
+    locked by the caller, so two claims cannot both re-serve the same task.
+    """
+    candidates = db.execute(
+        _RECHECK_CANDIDATES, {"user_id": user.id, "campaign_id": campaign.id}
+    ).all()
+    if not candidates:
+        return None
+    _judgment_id, task_id, shown = rng.choice(candidates)
+    assignment = Assignment(
+        task_id=task_id,
+        user_id=user.id,
+        state=AssignmentState.active,
+        display_order=recheck_order(list(shown), rng),
+        submit_key=secrets.token_urlsafe(24),
+        leased_at=now,
+        lease_expires_at=now + dt.timedelta(minutes=campaign.lease_minutes),
+        is_recheck=True,
+    )
+    db.add(assignment)
+    db.flush()
+    return serve(db, assignment)
+
+
 def lease(
     db: Session,
     *,
@@ -346,6 +446,14 @@ def lease(
         return serve(db, current)
     if _sweep_due(now):
         expire_leases(db, now=now)
+    if (
+        campaign.recheck_rate > 0  # checked first: no extra work when re-checks are off
+        and campaign.mode is not CampaignMode.demonstration
+        and rng.random() < campaign.recheck_rate
+    ):
+        recheck = _lease_recheck(db, user=user, campaign=campaign, now=now, rng=rng)
+        if recheck is not None:
+            return recheck
     want_gold = campaign.gold_rate > 0 and rng.random() < campaign.gold_rate
     claimed = _claim(db, user_id=user.id, campaign_id=campaign.id, gold=want_gold)
     if claimed is None and want_gold:
@@ -457,7 +565,7 @@ def skip(
         return assignment  # a retried skip
     if assignment.state is AssignmentState.submitted:
         raise Conflict("this task was already submitted")
-    if assignment.state is AssignmentState.active:
+    if assignment.state is AssignmentState.active and not assignment.is_recheck:
         db.execute(
             update(Task)
             .where(Task.id == assignment.task_id)
@@ -487,7 +595,9 @@ def _write_judgment(
     assignment_id: int | None,
     supersedes: Judgment | None,
     now: dt.datetime,
+    recheck_of: Judgment | None = None,
 ) -> Judgment:
+    """Store a judgment and (unless it is a re-check) its pairwise comparisons."""
     demonstration_id = None
     if campaign.mode is CampaignMode.demonstration:
         demo_text = (answer.demonstration or "").strip()
@@ -524,12 +634,14 @@ def _write_judgment(
         idempotency_key=key,
         payload_hash=answer_hash(answer),
         supersedes_id=supersedes.id if supersedes else None,
-        is_current=True,
+        # A re-check is kept beside the judgment it repeats; that one stays current.
+        is_current=recheck_of is None,
+        recheck_of_id=recheck_of.id if recheck_of else None,
         created_at=now,
     )
     db.add(judgment)
     db.flush()
-    if ranking is not None:
+    if ranking is not None and recheck_of is None:
         margin = float(abs(answer.strength)) if answer.strength is not None else None
         # One multi-row INSERT (executemany), not one ORM round trip per pair.
         db.execute(
@@ -589,6 +701,20 @@ _COUNT_JUDGMENT = (
 )
 
 
+# The labeler's current (non-re-check) judgment of a task: what a re-check repeats.
+_CURRENT_JUDGMENT = (
+    select(Judgment)
+    .where(
+        Judgment.task_id == bindparam("task_id"),
+        Judgment.user_id == bindparam("user_id"),
+        Judgment.is_current.is_(true()),
+        Judgment.recheck_of_id.is_(None),
+    )
+    .order_by(Judgment.id.desc())
+    .limit(1)
+)
+
+
 def submit(
     db: Session,
     *,
@@ -598,7 +724,11 @@ def submit(
     now: dt.datetime | None = None,
     ip: str | None = None,
 ) -> tuple[Judgment, bool]:
-    """Store the answer to a leased task with its comparisons; (judgment, created)."""
+    """Store the answer to a leased task with its comparisons; (judgment, created).
+
+    The answer to a re-check is stored beside the judgment it repeats, without comparisons
+    and without counting towards the task.
+    """
     now = now or utcnow()
     assignment, task, campaign = _assignment_for(db, user=user, submit_key=submit_key)
     if assignment.state is AssignmentState.submitted:
@@ -613,7 +743,13 @@ def submit(
     # The display order is exactly the task's completions, shuffled when the lease was made.
     shown = assignment.display_order
     ranking = check_answer(campaign, shown, shown, answer)
-    if assignment.state is not AssignmentState.active:  # expired or released
+    original = None
+    if assignment.is_recheck:
+        # A re-check holds no slot, so a late one needs none; it repeats the current judgment.
+        original = db.scalar(_CURRENT_JUDGMENT, {"task_id": task.id, "user_id": user.id})
+        if original is None:
+            raise Conflict("this task has no earlier answer of yours any more; skip it")
+    elif assignment.state is not AssignmentState.active:  # expired or released
         _retake_slot(db, assignment, task, now)
     # Clamp the client's clock to the server's: no longer than the lease has existed.
     elapsed_ms = int((now - assignment.leased_at).total_seconds() * 1000)
@@ -632,18 +768,23 @@ def submit(
         assignment_id=assignment.id,
         supersedes=None,
         now=now,
+        recheck_of=original,
     )
     assignment.state = AssignmentState.submitted
     assignment.finished_at = now
-    db.execute(_COUNT_JUDGMENT, {"counted_task": task.id})
-    db.expire(task, ["judgment_count", "status"])
+    after = {"task_id": task.id, "ranking": ranking, "strength": answer.strength}
+    if original is None:
+        db.execute(_COUNT_JUDGMENT, {"counted_task": task.id})
+        db.expire(task, ["judgment_count", "status"])
+    else:  # a re-check counts towards nothing
+        after["recheck_of_id"] = original.id
     audit.record(
         db,
         actor_id=user.id,
-        action="judgment.create",
+        action="judgment.create" if original is None else "judgment.recheck",
         entity_type="judgment",
         entity_id=judgment.id,
-        after={"task_id": task.id, "ranking": ranking, "strength": answer.strength},
+        after=after,
         ip=ip,
     )
     return judgment, True
@@ -670,6 +811,11 @@ def edit(
         raise NotFound("no such judgment")
     if old.user_id != user.id:
         raise Forbidden("you can only edit your own judgments")
+    if old.recheck_of_id is not None:
+        raise Conflict(
+            "this was a second answer to a task you had already judged and cannot be edited; "
+            "edit your judgment of the task from your history instead"
+        )
     plain = JudgmentIn.model_validate(answer.model_dump(exclude={"idempotency_key"}))
     if (replayed := _replay(db, user=user, key=answer.idempotency_key, answer=plain)) is not None:
         return replayed, False
