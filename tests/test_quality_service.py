@@ -111,7 +111,7 @@ def test_json_endpoint_for_researchers_and_dashboard_for_admins(client, db, user
 
 def test_disagreement_queue_sends_back_and_makes_gold_with_audit(client, db, judged, as_role):
     campaign, _, _ = judged
-    items = disagreements(db, campaign, limit=5)
+    items = disagreements(db, campaign, quality_report(db, campaign, resamples=10), limit=5)
     assert items
     assert [d.agreement for d in items] == sorted(d.agreement for d in items)
     worst = items[0].task

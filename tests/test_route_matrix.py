@@ -58,6 +58,16 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("POST", "/admin/tasks/{task_id}/ungold"): {ADMIN},
     ("GET", "/admin/campaigns/{slug}/labelers/{user_id}"): {ADMIN},
     ("GET", "/admin/judgments/{judgment_id}"): {ADMIN},
+    ("GET", "/api/v1/campaigns/{slug}/quality/labelers"): {ADMIN, RESEARCHER},
+    ("GET", "/api/v1/campaigns/{slug}/quality/matrix"): {ADMIN, RESEARCHER},
+    ("GET", "/api/v1/campaigns/{slug}/quality/trend"): {ADMIN, RESEARCHER},
+    ("GET", "/api/v1/campaigns/{slug}/quality/disagreements"): {ADMIN, RESEARCHER},
+    ("POST", "/admin/tasks/{task_id}/resolve"): {ADMIN},
+    ("POST", "/admin/tasks/{task_id}/unresolve"): {ADMIN},
+    ("POST", "/admin/campaigns/{slug}/quality/settings"): {ADMIN},
+    ("POST", "/admin/campaigns/{slug}/labelers/{user_id}/exclude"): {ADMIN},
+    ("POST", "/admin/campaigns/{slug}/labelers/{user_id}/active"): {ADMIN},
+    ("POST", "/admin/exclusions/{exclusion_id}/lift"): {ADMIN},
     # labeling (pages and API)
     ("GET", "/label/history"): {LABELER},
     ("GET", "/label/{slug}"): {LABELER},
@@ -80,6 +90,7 @@ SAMPLE_PARAMS = {
     "submit_key": "no-such-key-0123456789",
     "judgment_id": "999999",
     "task_id": "999999",
+    "exclusion_id": "999999",
 }
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 

@@ -250,7 +250,8 @@ def consensus(rankings: Sequence[Ranking]) -> Consensus:
             wins[(a, b)] = wins.get((a, b), 0.0) + preference
             wins[(b, a)] = wins.get((b, a), 0.0) + 1.0 - preference
     strengths = bradley_terry(wins)
-    order = sorted(strengths, key=lambda i: (-strengths[i], i))
+    # Rounded, so float noise never decides between completions the votes rate equally.
+    order = sorted(strengths, key=lambda i: (-round(strengths[i], 9), i))
     votes = len(rankings)
     agreement = {
         (better, worse): wins.get((better, worse), 0.0) / votes
@@ -306,8 +307,6 @@ def position_bias(
     judgments: Iterable[tuple[Sequence[int], Ranking]], *, alpha: float = 0.01
 ) -> PositionBias:
     """From (display order, ranking) per judgment: is the first-shown completion favoured?"""
-    from scipy.stats import binomtest
-
     hits = 0.0
     count = 0
     chance_sum = 0.0
@@ -319,6 +318,16 @@ def position_bias(
         chance_sum += 1 / len(shown)
         if shown[0] in top:
             hits += 1 / len(top)  # a tie at the top shares the credit
+    return position_bias_from_counts(hits, count, chance_sum, alpha=alpha)
+
+
+def position_bias_from_counts(
+    hits: float, count: int, chance_sum: float, *, alpha: float = 0.01
+) -> PositionBias:
+    """`position_bias` from its sums: first-shown-at-the-top credit, judgments, and the sum
+    of each judgment's chance (1/K)."""
+    from scipy.stats import binomtest
+
     if count == 0:
         return PositionBias(0, 0, math.nan, math.nan, math.nan, False)
     chance = chance_sum / count

@@ -114,6 +114,17 @@ def upgrade() -> None:
             op.f("fk_tasks_resolved_by_id_users"), "users", ["resolved_by_id"], ["id"]
         )
 
+    # Until now an explicit None in a JSON column was stored as the JSON value null; make
+    # those SQL NULL, which the code now writes and tests for.
+    null = "'null'::jsonb" if op.get_bind().dialect.name == "postgresql" else "'null'"
+    for table, column in (
+        ("judgments", "ranking"),
+        ("tasks", "gold_ranking"),
+        ("prompts", "messages"),
+        ("jobs", "result"),
+    ):
+        op.execute(f"UPDATE {table} SET {column} = NULL WHERE {column} = {null}")  # noqa: S608
+
 
 def downgrade() -> None:
     # Re-checks would break the old one-assignment-per-task-and-labeler rule.
