@@ -4,7 +4,9 @@ outer transaction (in-process tests) or a fresh database cloned from a migrated 
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +23,11 @@ from app.auth.models import Role, User
 from app.auth.passwords import hash_password
 from app.config import Settings
 from app.db import Database, make_engine
+from app.labeling import service as labeling
+from app.labeling.schemas import JudgmentIn
 from app.main import create_app
 from tests.databases import Backend, PostgresServer
+from tests.factories import make_campaign, make_labeler, make_task
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PASSWORD = "correct horse battery staple"
@@ -181,3 +186,37 @@ def as_role(client: TestClient, users: Accounts):
         return login(client, users[role].username)
 
     return _login
+
+
+QUALITY_TASKS = 30
+
+
+@pytest.fixture
+def judged(db):
+    """Three careful labelers who rank by the true order, and one who picks what is shown first."""
+    campaign = make_campaign(db, slug="quality", overlap=4, k=4, gold_rate=1.0)  # gold first
+    truth = {}
+    for _ in range(QUALITY_TASKS):
+        task = make_task(db, campaign)
+        truth[task.id] = [item.completion_id for item in task.items]  # canonical = true order
+    gold = make_task(db, campaign, is_gold=True, gold_ranking_positions=[[0], [1], [2], [3]])
+    truth[gold.id] = [item.completion_id for item in gold.items]
+    careful = [make_labeler(db, f"careful-{i}") for i in range(3)]
+    lazy = make_labeler(db, "lazy")
+    rng = random.Random(4)
+    for user in [*careful, lazy]:
+        while (lease := labeling.next_task(db, user=user, campaign=campaign, rng=rng)) is not None:
+            if user is lazy:
+                ranking = [[cid] for cid in lease.display_order]
+            else:
+                ranking = [[cid] for cid in truth[lease.task_id]]
+            labeling.submit(
+                db,
+                user=user,
+                submit_key=lease.submit_key,
+                answer=JudgmentIn(ranking=ranking, time_on_task_ms=2000),
+                # Three seconds after the lease: the server caps time on task at that.
+                now=lease.leased_at + dt.timedelta(seconds=3),
+            )
+    db.commit()
+    return campaign, careful, lazy

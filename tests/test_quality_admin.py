@@ -14,7 +14,6 @@ from app.labeling.models import Judgment, Task, TaskStatus
 from app.quality import service as quality
 from app.quality.models import LabelerExclusion, QualityReport
 from app.quality.service import Filters, cached_report, quality_report
-from tests.test_quality_service import judged  # noqa: F401 - the shared fixture
 
 
 def audit_actions(db, entity_type: str, entity_id: int) -> list[str]:
@@ -170,7 +169,7 @@ def test_changing_overlap_gold_and_recheck_rate_from_the_dashboard(client, db, j
 
 
 def test_deactivating_a_labeler_from_their_page(client, db, judged, as_role):
-    campaign, _, lazy = judged
+    _, _, lazy = judged
     csrf = as_role("admin")
     client.post(
         f"/admin/campaigns/quality/labelers/{lazy.id}/active",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import random
 
 import pytest
 from sqlalchemy import select
@@ -12,43 +11,10 @@ from app.audit.models import AuditEvent
 from app.auth import service as auth_service
 from app.labeling import service as labeling
 from app.labeling.models import Judgment, TaskStatus
-from app.labeling.schemas import EditIn, JudgmentIn
+from app.labeling.schemas import EditIn
 from app.quality import metrics
 from app.quality.service import Filters, disagreements, load_judgments, quality_report
-from tests.factories import make_campaign, make_labeler, make_task
-
-TASKS = 30
-
-
-@pytest.fixture
-def judged(db):
-    """Three careful labelers who rank by the true order, and one who picks what is shown first."""
-    campaign = make_campaign(db, slug="quality", overlap=4, k=4, gold_rate=1.0)  # gold first
-    truth = {}
-    for _ in range(TASKS):
-        task = make_task(db, campaign)
-        truth[task.id] = [item.completion_id for item in task.items]  # canonical = true order
-    gold = make_task(db, campaign, is_gold=True, gold_ranking_positions=[[0], [1], [2], [3]])
-    truth[gold.id] = [item.completion_id for item in gold.items]
-    careful = [make_labeler(db, f"careful-{i}") for i in range(3)]
-    lazy = make_labeler(db, "lazy")
-    rng = random.Random(4)
-    for user in [*careful, lazy]:
-        while (lease := labeling.next_task(db, user=user, campaign=campaign, rng=rng)) is not None:
-            if user is lazy:
-                ranking = [[cid] for cid in lease.display_order]
-            else:
-                ranking = [[cid] for cid in truth[lease.task_id]]
-            labeling.submit(
-                db,
-                user=user,
-                submit_key=lease.submit_key,
-                answer=JudgmentIn(ranking=ranking, time_on_task_ms=2000),
-                # Three seconds after the lease: the server caps time on task at that.
-                now=lease.leased_at + dt.timedelta(seconds=3),
-            )
-    db.commit()
-    return campaign, careful, lazy
+from tests.conftest import QUALITY_TASKS as TASKS
 
 
 def test_agreement_matches_the_metrics_on_the_same_votes(db, judged):
