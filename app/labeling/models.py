@@ -225,9 +225,7 @@ class Judgment(Base):
     is_current: Mapped[bool] = mapped_column(Boolean, default=True)
     # A self-consistency re-check answers the same task again: it points at the judgment it
     # re-checks, is never current, and yields no comparisons.
-    recheck_of_id: Mapped[int | None] = mapped_column(
-        BigId, ForeignKey("judgments.id"), index=True
-    )
+    recheck_of_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("judgments.id"), index=True)
     created_at: Mapped[CreatedAt]
 
 
