@@ -315,10 +315,16 @@ def run(args: argparse.Namespace, database: BenchDatabase, tmp: Path) -> int:
     engine = make_engine(settings.database_url)
     with Session(engine) as db:
         campaign = campaigns.get_by_slug(db, CAMPAIGN_SLUG)
-        began = time.perf_counter()
-        quality.quality_report(db, campaign)
-        direct = time.perf_counter() - began
-    print(f"peer: the report computed directly, uncached, in this process: {direct:.2f} s")
+        runs = []
+        for _ in range(2):  # the first run also imports scipy and statsmodels
+            began = time.perf_counter()
+            quality.quality_report(db, campaign)
+            runs.append(time.perf_counter() - began)
+        direct = runs[-1]
+    print(
+        f"peer: the report computed directly, uncached, in this process: {direct:.2f} s "
+        f"(first run, with imports: {runs[0]:.2f} s)"
+    )
 
     figures: list[tuple[str, float]] = []
     slug = CAMPAIGN_SLUG

@@ -15,6 +15,7 @@ set -euo pipefail
 
 HTMX_VERSION="2.0.11"
 SORTABLE_VERSION="1.15.7"
+CHARTJS_VERSION="4.6.1"
 
 # One entry per vendored file:  npm-package@version:path-inside-package:destination
 # (destination is relative to static/vendor/; scoped packages such as
@@ -22,6 +23,7 @@ SORTABLE_VERSION="1.15.7"
 VENDORED=(
   "htmx.org@${HTMX_VERSION}:dist/htmx.min.js:htmx.min.js"
   "sortablejs@${SORTABLE_VERSION}:Sortable.min.js:Sortable.min.js"
+  "chart.js@${CHARTJS_VERSION}:dist/chart.umd.min.js:chart.umd.min.js"
 )
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

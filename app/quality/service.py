@@ -455,13 +455,14 @@ def compute_report(
     rows = load_judgments(db, campaign, filters)
     per_task = task_agreement(arrays(rows))
     order = per_task.shared[np.argsort(per_task.agreement[per_task.shared], kind="stable")]
+    matrix, trend = trends.matrix_and_trend(rows, _names(db, rows))
     return {
         "campaign": campaign.slug,
         "filters": filters.as_json(),
         "agreement": campaign_agreement(rows, resamples=resamples, tasks=per_task),
         "labelers": labeler_stats(db, campaign, rows, per_task, filters=filters),
-        "matrix": trends.labeler_matrix(rows, _names(db, rows)),
-        "trend": trends.daily_trend(rows),
+        "matrix": matrix,
+        "trend": trend,
         "lowest_agreement_tasks": [
             {
                 "task_id": int(per_task.judged.task_ids[t]),
