@@ -281,6 +281,9 @@ def test_every_section_has_its_json_endpoint_for_researchers(client, db, users, 
     assert body["fresh"] is True
     if section == "disagreements":
         assert body["tasks"] and all(len(t["judgments"]) == 4 for t in body["tasks"])
+        first = body["tasks"][0]
+        assert len(first["pair_agreement"]) == 6  # K = 4: every consensus-ordered pair
+        assert all(0 <= p["agreement"] <= 1 for p in first["pair_agreement"])
     else:
         assert section in body
     assert (

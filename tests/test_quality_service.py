@@ -84,6 +84,7 @@ def test_disagreement_queue_sends_back_and_makes_gold_with_audit(client, db, jud
     csrf = as_role("admin")
     page = client.get("/admin/campaigns/quality/disagreements")
     assert page.status_code == 200 and f'data-task="{worst.id}"' in page.text
+    assert 'data-testid="pair-agreement"' in page.text and " over #" in page.text
 
     required = worst.required_judgments
     back = client.post(

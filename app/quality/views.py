@@ -181,6 +181,11 @@ def disagreements_json(slug: str, request: Request, db: DbSession) -> Response:
                     "task_id": item.task.id,
                     "agreement": quality._value(item.agreement),
                     "consensus": item.consensus.ranking,
+                    # For each consensus-ordered pair: the share of votes that agree with it.
+                    "pair_agreement": [
+                        {"better": better, "worse": worse, "agreement": round(share, 4)}
+                        for (better, worse), share in item.consensus.pair_agreement.items()
+                    ],
                     "judgments": [
                         {"judgment_id": j.id, "labeler_id": j.user_id, "ranking": j.ranking}
                         for j in item.judgments
