@@ -42,8 +42,12 @@ class Job(Base):
         str_enum(JobState, "job_state"), default=JobState.queued
     )
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts started so far. Never goes down: with worker_id it fences a worker's writes.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    # Attempts that do not count toward max_attempts: handed back at a worker's shutdown
+    # (SIGTERM), or made before an admin's retry. Counted attempts = attempt - this.
+    uncounted_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     run_after: Mapped[dt.datetime] = mapped_column(default=utcnow)  # backoff between attempts
     worker_id: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[dt.datetime | None]
@@ -52,10 +56,12 @@ class Job(Base):
     progress_message: Mapped[str] = mapped_column(Text, default="")
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     error: Mapped[str | None] = mapped_column(Text)
+    # The last lines of the current (or last) attempt's log.txt, sent with each heartbeat.
+    log_tail: Mapped[str] = mapped_column(Text, default="", server_default="")
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_by_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("users.id"))
     created_at: Mapped[CreatedAt]
-    started_at: Mapped[dt.datetime | None]
+    started_at: Mapped[dt.datetime | None]  # when the current (or last) attempt started
     finished_at: Mapped[dt.datetime | None]
 
 
