@@ -1,0 +1,656 @@
+"""Reward-model training on human rankings: K-way Bradley-Terry, InstructGPT-style.
+
+Each judgment ranks K completions of one prompt. Its K completions are encoded once, and all
+K-choose-2 pair losses are taken together and averaged within the judgment (Ouyang et al.,
+2022, "Training language models to follow instructions with human feedback", section 3.5):
+each completion is forwarded once instead of once per pair, and a judgment counts once
+however large K is. Ties are skipped or trained toward 0.5, Llama 2's margin and per-labeler
+weights are optional, and TRL's reward centering can be switched on.
+
+    from trainer.reward import RankingGroup, RewardConfig, train, score
+    groups = [RankingGroup("2+2?", ["4", "5"], ranks=[0, 1], prompt_key="p1"), ...]
+    result = train(RewardConfig(model_name_or_path="path/to/backbone"), groups, held_out,
+                   "var/models/rm-1")
+    score("var/models/rm-1", "2+2?", ["4", "5"])   # -> [1.3, -0.8]
+
+The worker loads judgments from the database and calls `train`; nothing here knows about the
+database. The benchmark against TRL's RewardTrainer: `.venv/bin/python bench/reward_model.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.data import (
+    EncodedGroup,
+    Prompt,
+    RankingGroup,
+    RewardFormatter,
+    collate,
+    length_grouped_batches,
+)
+from trainer.losses import (
+    batch_pair_indices,
+    grouped_ranking_loss,
+    pair_calibration_error,
+    pair_correct,
+    weighted_mean,
+)
+from trainer.modeling import compute_rewards, enable_checkpointing, load_reward_model
+
+__all__ = [
+    "RankingGroup",
+    "RewardConfig",
+    "RewardResult",
+    "RewardScorer",
+    "evaluate_pairs",
+    "score",
+    "train",
+]
+
+META_FILE = "prefloop_reward.json"
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class RewardConfig:
+    """Hyperparameters of one reward-model run. Defaults follow InstructGPT where it says."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Backbone: a local directory or hub id (sequence classifier or LM)."}
+    )
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Tokens per prompt + completion; the prompt's start is cut first."},
+    )
+    batch_size: int = field(default=8, metadata={"help": "Judgments (not pairs) per forward pass."})
+    grad_accumulation_steps: int = field(
+        default=1, metadata={"help": "Forward passes per optimizer step."}
+    )
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (not applied to biases and norms)."}
+    )
+    warmup_ratio: float = field(
+        default=0.03, metadata={"help": "Share of steps of linear warmup, then linear decay."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    epochs: int = field(
+        default=1,
+        metadata={"help": "Passes over the data. InstructGPT: a second epoch overfits."},
+    )
+    ties: str = field(
+        default="skip",
+        metadata={"help": "'skip' tied pairs, or 'half': train them toward probability 0.5."},
+    )
+    use_margin: bool = field(
+        default=False,
+        metadata={"help": "Subtract each judgment's margin from r_better - r_worse (Llama 2)."},
+    )
+    use_weights: bool = field(
+        default=True, metadata={"help": "Weight each judgment by its labeler's weight."}
+    )
+    center_rewards_coefficient: float | None = field(
+        default=None,
+        metadata={"help": "Add coef * mean(r^2) to keep rewards near 0 (Eisenstein et al., 2023)."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seeds torch, random, numpy and data order."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast; None = on when CUDA supports it."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory."}
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Zero dropout: pair losses compare two noisy forwards."}
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch judgments of similar length together (less padding)."},
+    )
+    length_group_size: int = field(
+        default=50,
+        metadata={"help": "Batches per megabatch that is sorted by length before batching."},
+    )
+    eval_every: int = field(
+        default=0, metadata={"help": "Evaluate every N optimizer steps; 0 = per epoch only."}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "Judgments per eval pass."})
+    logging_steps: int = field(
+        default=10, metadata={"help": "Report train/* metrics every N optimizer steps."}
+    )
+    save_every: int = field(
+        default=0,
+        metadata={"help": "Write a resumable checkpoint every N steps; 0 = only on stop."},
+    )
+    separator: str = field(
+        default="\n\n",
+        metadata={"help": "Between prompt and completion when there is no chat template."},
+    )
+    normalization_samples: int = field(
+        default=4096,
+        metadata={"help": "Training completions scored after training for mean/std stats."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.ties not in ("skip", "half"):
+            raise ValueError(f"ties must be 'skip' or 'half', not {self.ties!r}")
+        if self.batch_size < 1 or self.grad_accumulation_steps < 1 or self.epochs < 1:
+            raise ValueError("batch_size, grad_accumulation_steps and epochs must be >= 1")
+
+
+@dataclass
+class RewardResult:
+    """What a run produced. `stopped`: interrupted; call `train` again to resume."""
+
+    output_dir: str
+    metrics: dict[str, float]
+    normalization: dict[str, float]
+    stopped: bool = False
+    steps: int = 0
+    total_steps: int = 0
+    history: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(device: torch.device, bf16: bool) -> AbstractContextManager[Any]:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _prepare(groups: Sequence[EncodedGroup], config: RewardConfig) -> list[EncodedGroup]:
+    """Apply the config's switches to the data once, so the loop need not know them."""
+    for g in groups:
+        if not config.use_margin:
+            g.margin = 0.0
+        if not config.use_weights:
+            g.weight = 1.0
+    return list(groups)
+
+
+def _has_pairs(group: EncodedGroup, ties: str) -> bool:
+    return ties == "half" or len(set(group.ranks)) > 1
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring and evaluation (shared by training, `score` and `evaluate_pairs`)
+
+
+@torch.no_grad()
+def _group_rewards(
+    model: nn.Module,
+    groups: Sequence[EncodedGroup],
+    pad_token_id: int,
+    device: torch.device,
+    bf16: bool,
+    batch_size: int,
+) -> list[torch.Tensor]:
+    """Rewards (K,) of each group, in input order; batches sorted by length for speed."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(groups)), key=lambda i: groups[i].length)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(groups)
+    for chunk in _chunks(order, batch_size):
+        batch = collate([groups[i] for i in chunk], pad_token_id).to(device)
+        with _autocast(device, bf16):
+            rewards = compute_rewards(model, batch.input_ids, batch.attention_mask).cpu()
+        for i, part in zip(
+            chunk, rewards.split([len(groups[i].ranks) for i in chunk]), strict=True
+        ):
+            out[i] = part
+    model.train(was_training)
+    return out
+
+
+def _pair_metrics(
+    groups: Sequence[EncodedGroup], rewards: Sequence[torch.Tensor], ties: str
+) -> dict[str, float]:
+    """Pair accuracy and ECE on strict pairs (ties never count), and the mean group loss."""
+    if not groups:
+        return {"accuracy": float("nan"), "ece": float("nan"), "loss": float("nan"), "pairs": 0}
+    flat = torch.cat(list(rewards))  # (N,)
+    better, worse, tie, pair_group = batch_pair_indices([g.ranks for g in groups])
+    margins = torch.tensor([g.margin for g in groups])[pair_group].masked_fill(tie, 0.0)
+    group_loss, has_pairs = grouped_ranking_loss(
+        flat, better, worse, tie, pair_group, len(groups), margins, ties
+    )
+    strict = ~tie
+    b, w = better[strict], worse[strict]
+    pairs = int(strict.sum())
+    return {
+        "accuracy": pair_correct(flat, b, w).float().mean().item() if pairs else float("nan"),
+        "ece": pair_calibration_error(flat, b, w).item() if pairs else float("nan"),
+        "loss": group_loss[has_pairs].mean().item() if has_pairs.any() else float("nan"),
+        "pairs": pairs,
+    }
+
+
+class RewardScorer:
+    """A trained reward model loaded once for scoring many prompts."""
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None) -> None:
+        meta = (
+            json.loads((Path(model_dir) / META_FILE).read_text())
+            if (Path(model_dir) / META_FILE).exists()
+            else {}
+        )
+        settings = meta.get("config", {})
+        self.device = _resolve_device(device)
+        self.model, self.tokenizer = load_reward_model(model_dir)
+        self.model.to(self.device).eval()
+        self.formatter = RewardFormatter(
+            self.tokenizer, settings.get("max_length", 512), settings.get("separator", "\n\n")
+        )
+        self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.normalization = meta.get("normalization", {})
+
+    def rewards(self, groups: Sequence[EncodedGroup], batch_size: int = 32) -> list[torch.Tensor]:
+        return _group_rewards(
+            self.model, groups, self.tokenizer.pad_token_id, self.device, self.bf16, batch_size
+        )
+
+    def score(self, prompt: Prompt, completions: Sequence[str]) -> list[float]:
+        ids = self.formatter.encode(prompt, completions)
+        group = EncodedGroup(input_ids=ids, ranks=[0] * len(ids))
+        return self.rewards([group])[0].tolist()
+
+
+def score(
+    model_dir: str | Path,
+    prompt: Prompt,
+    completions: Sequence[str],
+    device: str | torch.device | None = None,
+) -> list[float]:
+    """Raw rewards of each completion of `prompt` (higher is better). For many calls, keep a
+    `RewardScorer`. Normalise with the mean/std in prefloop_reward.json if needed."""
+    return RewardScorer(model_dir, device).score(prompt, completions)
+
+
+def evaluate_pairs(
+    model_dir: str | Path,
+    pairs: Sequence[tuple[Prompt, str, str]],
+    device: str | torch.device | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Accuracy and ECE of a reward model on (prompt, chosen, rejected) triples."""
+    scorer = RewardScorer(model_dir, device)
+    groups = [
+        EncodedGroup(input_ids=scorer.formatter.encode(p, [c, r]), ranks=[0, 1])
+        for p, c, r in pairs
+    ]
+    metrics = _pair_metrics(groups, scorer.rewards(groups, batch_size), "skip")
+    return {"accuracy": metrics["accuracy"], "ece": metrics["ece"], "pairs": metrics["pairs"]}
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def _fingerprint(config: RewardConfig, groups: Sequence[EncodedGroup]) -> str:
+    """Identity of a run: a checkpoint resumes only the same config on the same data."""
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+    for g in groups:
+        digest.update(json.dumps([g.input_ids, g.ranks, g.margin, g.weight]).encode())
+    return digest.hexdigest()
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Decay matrices only, as HF Trainer does: biases and norm gains stay free.
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (no eval data, no gold) as null: strict JSON readers reject NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write keeps the previous checkpoint
+
+
+def _normalization(
+    model: nn.Module,
+    groups: Sequence[EncodedGroup],
+    config: RewardConfig,
+    pad_token_id: int,
+    device: torch.device,
+    bf16: bool,
+) -> dict[str, float]:
+    """Mean and std of the reward over (a seeded sample of) the training completions, so a
+    policy trainer can whiten rewards (Ziegler et al., 2019 normalise the same way)."""
+    order = list(range(len(groups)))
+    random.Random(config.seed).shuffle(order)  # noqa: S311 - a sample, not secrets
+    sample, count = [], 0
+    for i in order:
+        if count >= config.normalization_samples:
+            break
+        sample.append(groups[i])
+        count += len(groups[i].ranks)
+    if not sample:
+        return {"mean": 0.0, "std": 1.0, "count": 0}
+    flat = torch.cat(
+        _group_rewards(model, sample, pad_token_id, device, bf16, config.eval_batch_size)
+    )
+    std = flat.std().item() if len(flat) > 1 else 1.0
+    return {"mean": flat.mean().item(), "std": std, "count": len(flat)}
+
+
+def train(
+    config: RewardConfig,
+    train_groups: Sequence[RankingGroup],
+    eval_groups: Sequence[RankingGroup],
+    output_dir: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    on_metric: Callable[[int, str, float], None] = lambda step, name, value: None,
+    on_progress: Callable[[float, str], None] = lambda fraction, message: None,
+    should_stop: Callable[[], bool] = lambda: False,
+    gold_groups: Sequence[RankingGroup] | None = None,
+    noise_ceiling: float | None = None,
+) -> RewardResult:
+    """Train a reward model on `train_groups`, evaluate on `eval_groups`, save to output_dir.
+
+    `should_stop()` is asked before every optimizer step; when it says True, a resumable
+    checkpoint goes to output_dir/checkpoint and the result has stopped=True. Calling `train`
+    again with the same arguments resumes it. `noise_ceiling` (inter-labeler agreement) is
+    passed through to the metrics to read the accuracy against."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = _resolve_device(device)
+    bf16 = (
+        config.bf16
+        if config.bf16 is not None
+        else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    )
+    history: list[tuple[int, str, float]] = []
+
+    def emit(step: int, name: str, value: float) -> None:
+        history.append((step, name, value))
+        on_metric(step, name, value)
+
+    # ---- model: seeded first, since a fresh reward head is randomly initialised
+    seed_everything(config.seed)
+    model, tokenizer = load_reward_model(config.model_name_or_path)
+    if config.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.to(device)
+    pad_id = tokenizer.pad_token_id
+
+    # ---- data: tokenised once; every batch is padded only to its own longest sequence
+    formatter = RewardFormatter(tokenizer, config.max_length, config.separator)
+    train_data = _prepare([formatter.encode_group(g) for g in train_groups], config)
+    eval_data = _prepare([formatter.encode_group(g) for g in eval_groups], config)
+    gold_data = (
+        _prepare([formatter.encode_group(g) for g in gold_groups], config)
+        if gold_groups is not None
+        else [g for g in eval_data if g.is_gold]
+    )
+    if not train_data:
+        raise ValueError("no training judgments")
+    lengths = [g.length for g in train_data]
+    megabatch = config.length_group_size if config.group_by_length else None
+    micro_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accumulation_steps)
+    total_steps = steps_per_epoch * config.epochs
+
+    # ---- optimizer: AdamW, linear warmup then linear decay to 0
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, config.weight_decay), lr=config.learning_rate
+    )
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps
+    )
+
+    # ---- resume from a checkpoint of the same run, if there is one
+    checkpoint = output_dir / CHECKPOINT_DIR / "state.pt"
+    fingerprint = _fingerprint(config, train_data)
+    totals = {"seconds": 0.0, "pairs": 0, "tokens": 0, "loss_sum": 0.0, "loss_steps": 0}
+    done = 0
+    last_eval: dict[str, float] = {}
+    if checkpoint.exists():
+        # Our own file, written by _save_checkpoint; it holds RNG states, not only tensors.
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"{checkpoint} belongs to a run with another config or data; "
+                "delete it to start over"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        done, totals, last_eval = state["step"], state["totals"], state["last_eval"]
+        _set_rng_state(state["rng"])
+        on_progress(done / total_steps, f"resumed at step {done}/{total_steps}")
+    resumed_from = done
+
+    def save_checkpoint() -> None:
+        _save_checkpoint(
+            checkpoint,
+            {
+                "fingerprint": fingerprint,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": done,
+                "totals": totals,
+                "last_eval": last_eval,
+                "rng": _rng_state(),
+            },
+        )
+
+    def run_eval(step: int) -> dict[str, float]:
+        rewards = _group_rewards(model, eval_data, pad_id, device, bf16, config.eval_batch_size)
+        metrics = _pair_metrics(eval_data, rewards, config.ties)
+        for name in ("accuracy", "ece", "loss"):
+            emit(step, f"eval/{name}", metrics[name])
+        if gold_data:
+            gold_rewards = _group_rewards(
+                model, gold_data, pad_id, device, bf16, config.eval_batch_size
+            )
+            metrics["gold_accuracy"] = _pair_metrics(gold_data, gold_rewards, "skip")["accuracy"]
+            emit(step, "gold/accuracy", metrics["gold_accuracy"])
+        return metrics
+
+    # ---- the loop
+    model.train()
+    window = {"loss": 0.0, "correct": 0, "strict": 0, "steps": 0}
+    for epoch in range(config.epochs):
+        # The order of epoch e depends only on (seed, e): resuming replays it exactly.
+        batches = length_grouped_batches(lengths, config.batch_size, config.seed + epoch, megabatch)
+        for step_in_epoch in range(steps_per_epoch):
+            if epoch * steps_per_epoch + step_in_epoch < done:
+                continue  # done before the checkpoint
+            if should_stop():
+                save_checkpoint()
+                on_progress(done / total_steps, f"stopped at step {done}/{total_steps}")
+                return RewardResult(
+                    output_dir=str(output_dir),
+                    metrics=dict(last_eval),
+                    normalization={},
+                    stopped=True,
+                    steps=done,
+                    total_steps=total_steps,
+                    history=history,
+                )
+            start = step_in_epoch * config.grad_accumulation_steps
+            micro = [
+                [train_data[i] for i in b]
+                for b in batches[start : start + config.grad_accumulation_steps]
+            ]
+            # One normaliser for the whole optimizer step: accumulating k forward passes
+            # then gives the gradient of one pass over all of them.
+            normalizer = (
+                sum(g.weight for mb in micro for g in mb if _has_pairs(g, config.ties)) or 1.0
+            )
+            began = time.perf_counter()
+            step_loss = 0.0
+            for groups in micro:
+                batch = collate(groups, pad_id).to(device)
+                with _autocast(device, bf16):
+                    rewards = compute_rewards(model, batch.input_ids, batch.attention_mask)  # (N,)
+                group_loss, has_pairs = grouped_ranking_loss(
+                    rewards,
+                    batch.better,
+                    batch.worse,
+                    batch.tie,
+                    batch.pair_group,
+                    batch.num_groups,
+                    batch.margins,
+                    config.ties,
+                )  # (G,), (G,)
+                loss = weighted_mean(group_loss, has_pairs, batch.weights, normalizer)
+                if config.center_rewards_coefficient:
+                    # TRL's centering (Eisenstein et al., 2023, eq. 2), averaged over passes.
+                    loss = loss + config.center_rewards_coefficient * rewards.pow(2).mean() / len(
+                        micro
+                    )
+                loss.backward()
+                with torch.no_grad():
+                    strict = ~batch.tie
+                    correct = pair_correct(rewards, batch.better[strict], batch.worse[strict])
+                    window["correct"] += int(correct.sum())
+                    window["strict"] += int(strict.sum())
+                step_loss += loss.item()
+                trained_pairs = len(batch.tie) if config.ties == "half" else int(strict.sum())
+                totals["pairs"] += trained_pairs
+                totals["tokens"] += batch.num_tokens
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # honest step times
+            totals["seconds"] += time.perf_counter() - began
+            totals["loss_sum"] += step_loss
+            totals["loss_steps"] += 1
+            done += 1
+            window["loss"] += step_loss
+            window["steps"] += 1
+
+            if done % config.logging_steps == 0 or done == total_steps:
+                emit(done, "train/loss", window["loss"] / window["steps"])
+                if window["strict"]:
+                    emit(done, "train/accuracy", window["correct"] / window["strict"])
+                emit(done, "train/learning_rate", scheduler.get_last_lr()[0])
+                emit(done, "train/grad_norm", float(grad_norm))
+                emit(done, "train/pairs_per_second", totals["pairs"] / totals["seconds"])
+                window = {"loss": 0.0, "correct": 0, "strict": 0, "steps": 0}
+            on_progress(
+                done / total_steps, f"epoch {epoch + 1}/{config.epochs}, step {done}/{total_steps}"
+            )
+            if config.eval_every and done % config.eval_every == 0 and done % steps_per_epoch:
+                last_eval = run_eval(done)
+            if config.save_every and done % config.save_every == 0 and done < total_steps:
+                save_checkpoint()
+        if (epoch + 1) * steps_per_epoch > resumed_from:  # not already evaluated before a stop
+            last_eval = run_eval(done)
+
+    # ---- finish: stats for reward whitening, the model in plain transformers format
+    normalization = _normalization(model, train_data, config, pad_id, device, bf16)
+    metrics: dict[str, float] = {
+        "eval_accuracy": last_eval.get("accuracy", float("nan")),
+        "eval_ece": last_eval.get("ece", float("nan")),
+        "eval_loss": last_eval.get("loss", float("nan")),
+        "eval_pairs": last_eval.get("pairs", 0),
+        "train_loss": totals["loss_sum"] / max(totals["loss_steps"], 1),
+        "pairs_per_second": totals["pairs"] / max(totals["seconds"], 1e-9),
+        "tokens_per_second": totals["tokens"] / max(totals["seconds"], 1e-9),
+        "train_seconds": totals["seconds"],
+        "steps": done,
+    }
+    if "gold_accuracy" in last_eval:
+        metrics["gold_accuracy"] = last_eval["gold_accuracy"]
+    if noise_ceiling is not None:
+        metrics["noise_ceiling"] = noise_ceiling
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / META_FILE).write_text(
+        json.dumps(
+            _json_safe(
+                {
+                    "format": "prefloop-reward/1",
+                    "config": asdict(config),
+                    "metrics": metrics,
+                    "normalization": normalization,
+                    "train_judgments": len(train_data),
+                    "eval_judgments": len(eval_data),
+                }
+            ),
+            indent=2,
+        )
+    )
+    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
+    on_progress(1.0, "done")
+    return RewardResult(
+        output_dir=str(output_dir),
+        metrics=metrics,
+        normalization=normalization,
+        stopped=False,
+        steps=done,
+        total_steps=total_steps,
+        history=history,
+    )
