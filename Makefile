@@ -23,7 +23,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# torch first, pinned to the CPU build: pip would otherwise resolve the newest torch, which
+# pulls gigabytes of CUDA libraries. A machine that already has torch (a GPU image) keeps it.
+TORCH_VERSION ?= 2.13.0
+
 $(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@

@@ -17,6 +17,7 @@ from app.campaigns.cli import campaign_cli
 from app.cli_support import fail, load_settings, open_database
 from app.config import get_settings
 from app.db import redact_url
+from app.exports.cli import export_command
 from app.labeling.import_cli import import_file
 
 cli = typer.Typer(
@@ -35,6 +36,7 @@ cli.add_typer(user_cli, name="user")
 cli.add_typer(token_cli, name="token")
 cli.add_typer(campaign_cli, name="campaign")
 cli.command("import")(import_file)
+cli.command("export")(export_command)
 
 
 # --- serve ------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from app.campaigns import views as campaign_views
 from app.config import Settings, get_settings
 from app.db import Database
 from app.errors import install_error_handlers
+from app.exports import api as exports_api
+from app.exports import views as exports_views
 from app.home import views as home_views
 from app.labeling import api as labeling_api
 from app.labeling import import_views
@@ -82,6 +84,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         labeling_api.router,
         quality_views.router,
         quality_views.api_router,
+        exports_views.router,
+        exports_api.router,
         api.router,
         api.health_router,
     ):

@@ -68,6 +68,15 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("POST", "/admin/campaigns/{slug}/labelers/{user_id}/exclude"): {ADMIN},
     ("POST", "/admin/campaigns/{slug}/labelers/{user_id}/active"): {ADMIN},
     ("POST", "/admin/exclusions/{exclusion_id}/lift"): {ADMIN},
+    # exports (researcher page, API, the trainer's feed)
+    ("GET", "/research/exports"): {RESEARCHER, ADMIN},
+    ("POST", "/research/exports"): {RESEARCHER, ADMIN},
+    ("GET", "/research/exports/{snapshot_id}"): {RESEARCHER, ADMIN},
+    ("POST", "/api/v1/exports"): {RESEARCHER, ADMIN},
+    ("GET", "/api/v1/exports"): {RESEARCHER, ADMIN},
+    ("GET", "/api/v1/exports/{snapshot_id}"): {RESEARCHER, ADMIN},
+    ("GET", "/api/v1/exports/{snapshot_id}/files/{name}"): {RESEARCHER, ADMIN},
+    ("GET", "/api/v1/campaigns/{slug}/comparisons"): {RESEARCHER, ADMIN},
     # labeling (pages and API)
     ("GET", "/label/history"): {LABELER},
     ("GET", "/label/{slug}"): {LABELER},
@@ -91,6 +100,8 @@ SAMPLE_PARAMS = {
     "judgment_id": "999999",
     "task_id": "999999",
     "exclusion_id": "999999",
+    "snapshot_id": "999999",
+    "name": "train.jsonl",
 }
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 
