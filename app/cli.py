@@ -18,6 +18,7 @@ from app.cli_support import fail, load_settings, open_database
 from app.config import get_settings
 from app.db import redact_url
 from app.exports.cli import export_command
+from app.jobs.cli import job_cli, worker_command
 from app.labeling.import_cli import import_file
 
 cli = typer.Typer(
@@ -37,6 +38,8 @@ cli.add_typer(token_cli, name="token")
 cli.add_typer(campaign_cli, name="campaign")
 cli.command("import")(import_file)
 cli.command("export")(export_command)
+cli.add_typer(job_cli, name="job")
+cli.command("worker")(worker_command)
 
 
 # --- serve ------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class Lease:
     max_attempts: int
     uncounted_attempts: int
     lease_expires_at: dt.datetime
+    previous_error: str | None = None  # why the last attempt ended, if it failed or was lost
 
     @property
     def counted_attempt(self) -> int:
@@ -255,6 +256,7 @@ def _claim_statement(*, kinds: list[str] | None, worker_id: str, now: dt.datetim
             Job.max_attempts,
             Job.uncounted_attempts,
             Job.lease_expires_at,
+            Job.error,
         )
         .execution_options(synchronize_session=False)
     )
@@ -293,6 +295,7 @@ def claim(
         max_attempts=row.max_attempts,
         uncounted_attempts=row.uncounted_attempts,
         lease_expires_at=row.lease_expires_at,
+        previous_error=row.error,
     )
 
 
