@@ -129,6 +129,16 @@ def test_out_of_attempts_is_dead_and_the_worker_keeps_going(settings, database):
     assert job_row(database, ok_id).state is JobState.succeeded
 
 
+def test_an_unusable_data_dir_fails_the_attempt_not_the_worker(settings, database, tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    settings = make_settings(database_url=settings.database_url, data_dir=blocked)
+    job_id = enqueue(database, "test_record", max_attempts=1)
+    assert work(settings, database, drain=True) == 1
+    job = job_row(database, job_id)
+    assert job.state is JobState.dead and "cannot set up the job folder" in job.error
+
+
 def test_backoff_keeps_a_failed_job_waiting(settings, database):
     job_id = enqueue(database, "test_flaky", {"failures": 1})
     before = utcnow()

@@ -379,12 +379,17 @@ class Worker:
         """Run one claimed attempt to its end; returns how it ended (a word for logs and tests)."""
         data_dir = self.settings.data_dir
         output_dir = service.attempt_dir(data_dir, lease.job_id, lease.attempt)
-        output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = service.checkpoint_dir(data_dir, lease.job_id)
-        checkpoint.mkdir(parents=True, exist_ok=True)
         log_path = output_dir / "log.txt"
-        job_log, file_handler = _job_logger(lease, log_path)
         attempt = _Attempt()
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            job_log, file_handler = _job_logger(lease, log_path)
+        except OSError as exc:  # a full or read-only disk: fail the attempt, keep the worker
+            log.error("job %s: cannot set up %s: %s", lease.job_id, output_dir, exc)
+            error = f"cannot set up the job folder {output_dir}: {exc}"
+            return self._record(lease, None, attempt, "failed", None, error, log_path)
         ctx = JobContext(
             job_id=lease.job_id,
             kind=lease.kind,
@@ -453,7 +458,7 @@ class Worker:
     def _record(
         self,
         lease: service.Lease,
-        ctx: JobContext,
+        ctx: JobContext | None,
         attempt: _Attempt,
         outcome: str,
         result: dict[str, Any] | None,
@@ -493,7 +498,7 @@ class Worker:
     def _write_outcome(
         self,
         lease: service.Lease,
-        ctx: JobContext,
+        ctx: JobContext | None,
         outcome: str,
         result: dict[str, Any] | None,
         error: str | None,
@@ -503,7 +508,7 @@ class Worker:
         with self.database.session() as db:
             if outcome == "succeeded":
                 job = service.complete(db, lease, result, log_tail=tail)
-                for callback in ctx._on_complete:
+                for callback in ctx._on_complete if ctx else ():
                     callback(db)
             elif outcome == "failed":
                 job = service.fail(
