@@ -275,18 +275,26 @@ def _pair_metrics(
 class RewardScorer:
     """A trained reward model loaded once for scoring many prompts."""
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None) -> None:
-        meta = (
-            json.loads((Path(model_dir) / META_FILE).read_text())
-            if (Path(model_dir) / META_FILE).exists()
-            else {}
-        )
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str | torch.device | None = None,
+        *,
+        max_length: int | None = None,
+        separator: str | None = None,
+    ) -> None:
+        """Formatting comes from the model's prefloop_reward.json; max_length and separator
+        override it (for a reward model trained elsewhere)."""
+        meta_path = Path(model_dir) / META_FILE
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         settings = meta.get("config", {})
         self.device = _resolve_device(device)
         self.model, self.tokenizer = load_reward_model(model_dir)
         self.model.to(self.device).eval()
         self.formatter = RewardFormatter(
-            self.tokenizer, settings.get("max_length", 512), settings.get("separator", "\n\n")
+            self.tokenizer,
+            max_length or settings.get("max_length", 512),
+            separator if separator is not None else settings.get("separator", "\n\n"),
         )
         self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.normalization = meta.get("normalization", {})
@@ -318,9 +326,11 @@ def evaluate_pairs(
     pairs: Sequence[tuple[Prompt, str, str]],
     device: str | torch.device | None = None,
     batch_size: int = 32,
+    **formatting: Any,
 ) -> dict[str, float]:
-    """Accuracy and ECE of a reward model on (prompt, chosen, rejected) triples."""
-    scorer = RewardScorer(model_dir, device)
+    """Accuracy and ECE of a reward model on (prompt, chosen, rejected) triples.
+    `formatting`: max_length / separator overrides, as for RewardScorer."""
+    scorer = RewardScorer(model_dir, device, **formatting)
     groups = [
         EncodedGroup(input_ids=scorer.formatter.encode(p, [c, r]), ranks=[0, 1])
         for p, c, r in pairs
@@ -435,7 +445,8 @@ def train(
                 module.p = 0.0
     if config.gradient_checkpointing:
         enable_checkpointing(model)
-    model.to(device)
+    # fp32 master weights whatever the checkpoint's dtype; bf16 only inside autocast.
+    model.to(device=device, dtype=torch.float32)
     pad_id = tokenizer.pad_token_id
 
     # ---- data: tokenised once; every batch is padded only to its own longest sequence
