@@ -19,6 +19,7 @@ from app.config import get_settings
 from app.db import redact_url
 from app.exports.cli import export_command
 from app.jobs.cli import job_cli, worker_command
+from app.jobs.train_cli import reward_cli, train_cli
 from app.labeling.import_cli import import_file
 
 cli = typer.Typer(
@@ -40,6 +41,8 @@ cli.command("import")(import_file)
 cli.command("export")(export_command)
 cli.add_typer(job_cli, name="job")
 cli.command("worker")(worker_command)
+cli.add_typer(train_cli, name="train")
+cli.add_typer(reward_cli, name="reward")
 
 
 # --- serve ------------------------------------------------------------------------------------

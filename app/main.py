@@ -21,6 +21,8 @@ from app.errors import install_error_handlers
 from app.exports import api as exports_api
 from app.exports import views as exports_views
 from app.home import views as home_views
+from app.jobs import api as jobs_api
+from app.jobs import views as jobs_views
 from app.labeling import api as labeling_api
 from app.labeling import import_views
 from app.labeling import views as labeling_views
@@ -86,6 +88,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         quality_views.api_router,
         exports_views.router,
         exports_api.router,
+        jobs_views.router,
+        jobs_api.router,
         api.router,
         api.health_router,
     ):

@@ -219,9 +219,10 @@ NAVIGATION: dict[Role, list[tuple[str, str]]] = {
         ("Imports", "/admin/imports"),
         ("Users", "/admin/users"),
         ("Research", "/research"),
+        ("Jobs", "/jobs"),
         ("API tokens", "/tokens"),
     ],
-    Role.researcher: [("Research", "/research"), ("API tokens", "/tokens")],
+    Role.researcher: [("Research", "/research"), ("Jobs", "/jobs"), ("API tokens", "/tokens")],
 }
 
 

@@ -77,6 +77,23 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/exports/{snapshot_id}"): {RESEARCHER, ADMIN},
     ("GET", "/api/v1/exports/{snapshot_id}/files/{name}"): {RESEARCHER, ADMIN},
     ("GET", "/api/v1/campaigns/{slug}/comparisons"): {RESEARCHER, ADMIN},
+    # training jobs and model versions (pages and API)
+    ("GET", "/jobs"): {RESEARCHER, ADMIN},
+    ("POST", "/jobs"): {RESEARCHER, ADMIN},
+    ("GET", "/jobs/new"): {RESEARCHER, ADMIN},
+    ("GET", "/jobs/{job_id}"): {RESEARCHER, ADMIN},
+    ("POST", "/jobs/{job_id}/cancel"): {RESEARCHER, ADMIN},
+    ("POST", "/jobs/{job_id}/retry"): {RESEARCHER, ADMIN},
+    ("GET", "/models/{model_id}"): {RESEARCHER, ADMIN},
+    ("POST", "/api/v1/jobs"): {RESEARCHER, ADMIN},
+    ("GET", "/api/v1/jobs"): {RESEARCHER, ADMIN},
+    ("GET", "/api/v1/jobs/{job_id}"): {RESEARCHER, ADMIN},
+    ("GET", "/api/v1/jobs/{job_id}/metrics"): {RESEARCHER, ADMIN},
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): {RESEARCHER, ADMIN},
+    ("POST", "/api/v1/jobs/{job_id}/retry"): {RESEARCHER, ADMIN},
+    ("GET", "/api/v1/models"): {RESEARCHER, ADMIN},
+    ("GET", "/api/v1/models/{model_id}"): {RESEARCHER, ADMIN},
+    ("GET", "/api/v1/models/{model_id}/tasks/{task_id}"): {RESEARCHER, ADMIN},
     # labeling (pages and API)
     ("GET", "/label/history"): {LABELER},
     ("GET", "/label/{slug}"): {LABELER},
@@ -101,6 +118,8 @@ SAMPLE_PARAMS = {
     "task_id": "999999",
     "exclusion_id": "999999",
     "snapshot_id": "999999",
+    "job_id": "999999",
+    "model_id": "999999",
     "name": "train.jsonl",
 }
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}

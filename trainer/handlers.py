@@ -16,7 +16,7 @@ from typing import Any
 Handler = Callable[[Any], dict[str, Any] | None]
 
 HANDLERS: dict[str, str] = {
-    # "train_reward": "trainer.reward_job:run",
+    "train_reward": "trainer.reward_job:run",
 }
 
 

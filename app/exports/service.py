@@ -264,9 +264,12 @@ def _file_entry(path: Path) -> dict[str, Any]:
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path)}
 
 
-def _quality_figures(database: Database, params: ExportParams, ctx: Context) -> dict[str, Any]:
-    """Each campaign's agreement figures from the quality report on the same date range and
-    exclusions (the stored report when it is fresh). Never fails the export."""
+def quality_reports(
+    database: Database, params: ExportParams, campaigns: list[Any]
+) -> dict[str, dict[str, Any]]:
+    """Each ranked campaign's quality report on the export's date range and exclusions (the
+    stored report when it is fresh), by slug. A campaign whose report fails is left out: the
+    figures describe the data, they never stop an export or a training job."""
     from app.campaigns.models import Campaign
     from app.quality.service import Filters, cached_report
 
@@ -277,8 +280,8 @@ def _quality_figures(database: Database, params: ExportParams, ctx: Context) -> 
     )
     since = dt.datetime.combine(params.since, dt.time(), tzinfo=dt.UTC) if params.since else None
     filters = Filters(since=since, until=until, include_excluded=params.include_excluded)
-    out: dict[str, Any] = {}
-    for info in ctx.campaigns:
+    out: dict[str, dict[str, Any]] = {}
+    for info in campaigns:
         if info.mode == "demonstration":
             continue
         try:
@@ -287,10 +290,16 @@ def _quality_figures(database: Database, params: ExportParams, ctx: Context) -> 
                 stored = cached_report(db, campaign, filters)
                 db.commit()
             if stored is not None:
-                out[info.slug] = stored.report["agreement"]
+                out[info.slug] = stored.report
         except Exception:
-            log.exception("agreement figures for %s could not be computed", info.slug)
+            log.exception("the quality report of %s could not be computed", info.slug)
     return out
+
+
+def _quality_figures(database: Database, params: ExportParams, ctx: Context) -> dict[str, Any]:
+    """Each campaign's agreement figures, for the manifest and the dataset card."""
+    reports = quality_reports(database, params, ctx.campaigns)
+    return {slug: report["agreement"] for slug, report in reports.items()}
 
 
 # --- the dataset card -----------------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""Training jobs and model versions over the JSON API (researchers and admins, bearer tokens):
+queue a job, follow it (state, progress, metrics since a cursor, log tail), cancel or retry
+it, and read the model versions it produced with their metrics and task rankings."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.auth.models import Role
+from app.jobs import service as jobs
+from app.jobs import training
+from app.jobs.models import Job, JobState, ModelVersion
+from app.jobs.specs import SpecError, parse_reward_spec
+from app.web import CurrentPrincipal, DbSession, require_roles
+
+router = APIRouter(
+    prefix="/api/v1",
+    tags=["jobs"],
+    dependencies=[Depends(require_roles(Role.admin, Role.researcher))],
+)
+
+
+class JobIn(BaseModel):
+    """A job to queue: its kind and configuration (for train_reward, a RewardJobSpec)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["train_reward"]
+    config: dict[str, Any]
+    priority: int = Field(0, ge=-100, le=100)
+
+
+def job_or_404(db: Any, job_id: int) -> Job:
+    job = jobs.get(db, job_id)
+    if job is None:
+        raise HTTPException(404, f"There is no job {job_id}.")
+    return job
+
+
+def model_or_404(db: Any, model_id: int) -> ModelVersion:
+    model = db.get(ModelVersion, model_id)
+    if model is None:
+        raise HTTPException(404, f"There is no model version {model_id}.")
+    return model
+
+
+def one_job(db: Any, job: Job) -> dict[str, Any]:
+    models = training.models_of(db, [job.id]).get(job.id, [])
+    names = training.usernames(db, {job.created_by_id} if job.created_by_id else set())
+    return training.job_json(job, models, names.get(job.created_by_id or 0))
+
+
+@router.post("/jobs", status_code=201)
+def create_job(body: JobIn, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
+    """Queue a job; 422 names a bad option, 404 an unknown campaign. Nothing is queued then."""
+    try:
+        spec = parse_reward_spec(body.config)
+        job = training.queue_reward_training(
+            db, spec, actor_id=principal.user.id, priority=body.priority
+        )
+    except SpecError as error:
+        db.rollback()
+        status = 404 if "there is no campaign" in str(error) else 422
+        raise HTTPException(status, str(error)) from error
+    db.commit()
+    return one_job(db, job)
+
+
+@router.get("/jobs")
+def list_jobs(
+    db: DbSession,
+    state: Annotated[list[JobState] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> dict[str, Any]:
+    """Jobs, newest first, optionally of the given states."""
+    found = jobs.list_jobs(db, states=state, limit=limit)
+    models = training.models_of(db, [j.id for j in found])
+    return {"jobs": [training.job_json(j, models.get(j.id, [])) for j in found]}
+
+
+@router.get("/jobs/{job_id}")
+def show_job(job_id: int, db: DbSession) -> dict[str, Any]:
+    """One job: state, progress, attempt, error, result, log tail and its model versions."""
+    return one_job(db, job_or_404(db, job_id))
+
+
+@router.get("/jobs/{job_id}/metrics")
+def job_metrics(
+    job_id: int,
+    db: DbSession,
+    after: Annotated[int, Query(ge=0, description="Only metrics logged after this cursor.")] = 0,
+) -> dict[str, Any]:
+    """The job's metrics as {name: [[step, value], ...]} and `next_after`, the cursor for
+    the next call (a live chart polls with it)."""
+    job = job_or_404(db, job_id)
+    series, last = training.metric_series(db, job.id, after_id=after)
+    return {
+        "job_id": job.id,
+        "state": job.state.value,
+        "progress": job.progress,
+        "series": series,
+        "next_after": last,
+    }
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job(job_id: int, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
+    """Cancel a waiting job now, or ask a running one to stop at its next heartbeat."""
+    try:
+        job = jobs.cancel(db, job_id, actor_id=principal.user.id)
+    except jobs.JobNotFound as error:
+        raise HTTPException(404, str(error)) from error
+    except jobs.InvalidTransition as error:
+        raise HTTPException(409, str(error)) from error
+    db.commit()
+    return one_job(db, job)
+
+
+@router.post("/jobs/{job_id}/retry")
+def retry_job(job_id: int, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
+    """Queue a failed, dead or cancelled job again (it resumes from its checkpoint)."""
+    try:
+        job = jobs.retry(db, job_id, actor_id=principal.user.id)
+    except jobs.JobNotFound as error:
+        raise HTTPException(404, str(error)) from error
+    except jobs.InvalidTransition as error:
+        raise HTTPException(409, str(error)) from error
+    db.commit()
+    return one_job(db, job)
+
+
+@router.get("/models")
+def list_models(
+    db: DbSession,
+    kind: Annotated[Literal["policy", "reward", "reference"] | None, Query()] = None,
+) -> dict[str, Any]:
+    """Model versions, newest first."""
+    return {"models": [training.model_json(m) for m in training.list_models(db, kind=kind)]}
+
+
+@router.get("/models/{model_id}")
+def show_model(model_id: int, db: DbSession) -> dict[str, Any]:
+    """A model version: where its files are, how it was trained, its evaluation."""
+    return training.model_json(model_or_404(db, model_id))
+
+
+@router.get("/models/{model_id}/tasks/{task_id}")
+def model_task(model_id: int, task_id: int, db: DbSession) -> dict[str, Any]:
+    """A held-out task the reward model scored: each completion's reward, the model's
+    ranking and the labelers' consensus and rankings, side by side."""
+    model = model_or_404(db, model_id)
+    found = training.compare_task(db, model, task_id)
+    if found is None:
+        raise HTTPException(404, f"Model version {model.id} did not score task {task_id}.")
+    return {
+        "model_id": model.id,
+        "task_id": task_id,
+        "completions": [{k: c[k] for k in ("id", "reward")} for c in found.completions],
+        "model_ranking": found.model,
+        "human_consensus": found.human,
+        "judgments": [{"ranking": r} for _, r in found.judgments],
+        "pair_agreement": found.pair_agreement,
+    }

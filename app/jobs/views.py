@@ -1,0 +1,268 @@
+"""The jobs pages (admins and researchers): queue a reward model from a campaign, follow every
+job (a progress bar that polls itself, live metric charts, the log tail), cancel and retry,
+and look at the model versions a job produced beside the humans' rankings.
+
+One URL per thing: htmx asks the same URL for a fragment (a job's row in the list, or its
+status panel) and the page answers with that block of the same template."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import RedirectResponse, Response
+
+from app.auth.models import Role
+from app.campaigns import service as campaigns
+from app.campaigns.models import Campaign
+from app.jobs import api, training
+from app.jobs import service as jobs
+from app.jobs.models import Job, JobState, ModelVersion
+from app.jobs.specs import RewardJobSpec, RewardTraining, SpecError, bundled_backbone
+from app.web import (
+    CurrentPrincipal,
+    DbSession,
+    flash,
+    is_htmx,
+    render,
+    render_block,
+    require_roles,
+)
+
+router = APIRouter(dependencies=[Depends(require_roles(Role.admin, Role.researcher))])
+
+LIST_TEMPLATE = "jobs/list.html"
+DETAIL_TEMPLATE = "jobs/detail.html"
+NEW_TEMPLATE = "jobs/new_reward.html"
+MODEL_TEMPLATE = "jobs/model.html"
+ACTIVE = (JobState.queued, JobState.running, JobState.failed)
+STATE_FILTERS = ("active", "finished", "all")
+TASKS_SHOWN = 20
+# Form fields: (name, label, input type, hint); the values are RewardJobSpec's or
+# RewardTraining's fields of the same name.
+DATA_FIELDS = (
+    ("since", "From (UTC day)", "date", ""),
+    ("until", "Until (UTC day, included)", "date", ""),
+    ("min_agreement", "Minimum task agreement (0-1)", "number", "Tasks judged once are dropped."),
+    ("min_gold_accuracy", "Minimum labeler gold accuracy (0-1)", "number", ""),
+    ("test_fraction", "Held-out prompts (0-0.5)", "number", "No prompt is on both sides."),
+    ("split_seed", "Split seed", "number", ""),
+    ("max_judgments", "At most this many judgments", "number", "Empty: all of them."),
+)
+TRAINING_FIELDS = (
+    ("learning_rate", "Learning rate", "number", "Peak AdamW rate, linear warmup and decay."),
+    ("epochs", "Epochs", "number", "InstructGPT: a second epoch overfits."),
+    ("batch_size", "Judgments per batch", "number", "Each judgment's K completions at once."),
+    ("grad_accumulation_steps", "Gradient accumulation", "number", ""),
+    ("max_length", "Max tokens", "number", "The prompt's start is cut first."),
+    ("seed", "Seed", "number", ""),
+)
+
+
+def state_filter(which: str) -> list[JobState] | None:
+    if which == "active":
+        return list(ACTIVE)
+    if which == "finished":
+        return [JobState.succeeded, JobState.dead, JobState.cancelled]
+    return None
+
+
+def campaign_slugs(db: Any, ids: set[int]) -> dict[int, str]:
+    if not ids:
+        return {}
+    return dict(db.execute(select(Campaign.id, Campaign.slug).where(Campaign.id.in_(ids))).tuples())
+
+
+def row_context(db: Any, found: list[Job]) -> dict[str, Any]:
+    creators = {j.created_by_id for j in found if j.created_by_id}
+    return {
+        "jobs": found,
+        "models": training.models_of(db, [j.id for j in found]),
+        "names": training.usernames(db, creators),
+        "campaign_slugs": campaign_slugs(db, {j.campaign_id for j in found if j.campaign_id}),
+    }
+
+
+@router.get("/jobs")
+def jobs_page(request: Request, db: DbSession, state: Annotated[str, Query()] = "all") -> Response:
+    """Queued, running and finished jobs, newest first; active rows refresh themselves."""
+    which = state if state in STATE_FILTERS else "all"
+    found = jobs.list_jobs(db, states=state_filter(which), limit=200)
+    context = row_context(db, found) | {"which": which, "filters": STATE_FILTERS}
+    return render(request, LIST_TEMPLATE, context, db=db)
+
+
+def form_defaults(campaign: str | None) -> dict[str, Any]:
+    training_defaults = RewardTraining().model_dump()
+    return {
+        "campaigns": [campaign] if campaign else [],
+        "backbone": bundled_backbone() or "",
+        "test_fraction": 0.1,
+        "split_seed": 0,
+        "labeler_weights": "none",
+        "include_excluded": False,
+        "ties": training_defaults["ties"],
+        **{name: training_defaults[name] for name, *_ in TRAINING_FIELDS},
+    }
+
+
+def new_context(db: Any, form: dict[str, Any], error: str | None = None) -> dict[str, Any]:
+    return {
+        "form": form,
+        "error": error,
+        "campaign_list": [
+            row
+            for row in campaigns.list_campaigns(db)
+            if row.campaign.mode.value != "demonstration"
+        ],
+        "data_fields": DATA_FIELDS,
+        "training_fields": TRAINING_FIELDS,
+        "bundled": bundled_backbone(),
+    }
+
+
+@router.get("/jobs/new")
+def new_reward_job(
+    request: Request, db: DbSession, campaign: Annotated[str | None, Query()] = None
+) -> Response:
+    """The form that queues a reward model for one or more campaigns."""
+    return render(request, NEW_TEMPLATE, new_context(db, form_defaults(campaign)), db=db)
+
+
+def spec_input(form: Any) -> dict[str, Any]:
+    """The form as a RewardJobSpec's input: empty fields keep their defaults."""
+    data_names = {name for name, *_ in DATA_FIELDS}
+    training_names = {name for name, *_ in TRAINING_FIELDS} | {"ties", "use_margin"}
+    raw: dict[str, Any] = {"campaigns": [str(v) for v in form.getlist("campaigns")]}
+    training_raw: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if not isinstance(value, str) or not value.strip() or key == "csrf_token":
+            continue
+        if key in training_names:
+            training_raw[key] = value.strip()
+        elif key in data_names | {"backbone", "labeler_weights", "name"}:
+            raw[key] = value.strip()
+    raw["include_excluded"] = form.get("include_excluded") is not None
+    training_raw["use_margin"] = form.get("use_margin") is not None
+    raw["training"] = training_raw
+    return raw
+
+
+def _create(request: Request, db: Any, principal: Any, raw: dict[str, Any]) -> Response:
+    try:
+        spec = RewardJobSpec.model_validate(raw)
+        job = training.queue_reward_training(db, spec, actor_id=principal.user.id)
+    except (SpecError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+        db.rollback()
+        message = str(error) if isinstance(error, SpecError) else _first_errors(error)
+        form = {**form_defaults(None), **raw, **raw.get("training", {})}
+        return render(request, NEW_TEMPLATE, new_context(db, form, message), status_code=422, db=db)
+    flash(db, principal, f"Job #{job.id} is queued: a worker (`prefloop worker`) will train it.")
+    db.commit()
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+def _first_errors(error: Exception) -> str:
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return str(error)
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors())
+
+
+@router.post("/jobs")
+async def create_reward_job(
+    request: Request, db: DbSession, principal: CurrentPrincipal
+) -> Response:
+    """Queue a reward-model job from the form; a bad field shows the form again, queues nothing."""
+    raw = spec_input(await request.form())
+    return await run_in_threadpool(_create, request, db, principal, raw)
+
+
+def detail_context(db: Any, job: Job) -> dict[str, Any]:
+    models = training.models_of(db, [job.id]).get(job.id, [])
+    names = training.usernames(db, {job.created_by_id} if job.created_by_id else set())
+    latest = jobs.latest_metrics(db, job.id)
+    return {
+        "job": job,
+        "job_models": models,
+        "creator": names.get(job.created_by_id or 0),
+        "latest": latest,
+        "active": job.state in ACTIVE,
+    }
+
+
+@router.get("/jobs/{job_id}")
+def job_page(job_id: int, request: Request, db: DbSession) -> Response:
+    """A job: its state and progress, the live charts of its metrics, the log tail, the
+    model versions it produced. htmx: `HX-Target: job-<id>` is its row in the list, anything
+    else its status panel."""
+    job = api.job_or_404(db, job_id)
+    if is_htmx(request):
+        if request.headers.get("hx-target") == f"job-{job.id}":
+            return render_block(
+                request, LIST_TEMPLATE, "row", row_context(db, [job]) | {"job": job}
+            )
+        return render_block(request, DETAIL_TEMPLATE, "status", detail_context(db, job))
+    return render(request, DETAIL_TEMPLATE, detail_context(db, job), db=db)
+
+
+def _change(request: Request, db: Any, principal: Any, job_id: int, action: str) -> Response:
+    change = jobs.cancel if action == "cancel" else jobs.retry
+    try:
+        job = change(db, job_id, actor_id=principal.user.id)
+    except jobs.JobNotFound as error:
+        raise HTTPException(404, str(error)) from error
+    except jobs.InvalidTransition as error:
+        db.rollback()
+        if is_htmx(request):
+            job = api.job_or_404(db, job_id)
+            context = detail_context(db, job) | {"notice": str(error)}
+            return render_block(request, DETAIL_TEMPLATE, "status", context, status_code=409)
+        flash(db, principal, str(error), "error")
+        db.commit()
+        return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+    db.commit()
+    if is_htmx(request):
+        return render_block(request, DETAIL_TEMPLATE, "status", detail_context(db, job))
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job(
+    job_id: int, request: Request, db: DbSession, principal: CurrentPrincipal
+) -> Response:
+    """Cancel a waiting job, or ask a running one to stop at its next heartbeat."""
+    return _change(request, db, principal, job_id, "cancel")
+
+
+@router.post("/jobs/{job_id}/retry")
+def retry_job(
+    job_id: int, request: Request, db: DbSession, principal: CurrentPrincipal
+) -> Response:
+    """Queue a failed, dead or cancelled job again; it resumes from its checkpoint."""
+    return _change(request, db, principal, job_id, "retry")
+
+
+@router.get("/models/{model_id}")
+def model_page(
+    model_id: int,
+    request: Request,
+    db: DbSession,
+    task: Annotated[int | None, Query(ge=1)] = None,
+) -> Response:
+    """A model version: how it was trained and on what, its evaluation beside the labelers'
+    own agreement, and its ranking of held-out tasks beside the humans'."""
+    model: ModelVersion = api.model_or_404(db, model_id)
+    task_ids = training.scored_task_ids(model)
+    shown = [task] if task else task_ids[:TASKS_SHOWN]
+    comparisons = [c for t in shown if (c := training.compare_task(db, model, t)) is not None]
+    context = {
+        "model": model,
+        "metrics": model.metrics or {},
+        "comparisons": comparisons,
+        "scored": len(task_ids),
+        "one_task": task,
+    }
+    return render(request, MODEL_TEMPLATE, context, db=db)
