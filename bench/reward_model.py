@@ -432,7 +432,9 @@ def main() -> None:
                     "pairs": sum(math.comb(len(g["completions"]), 2) for g in groups) * args.epochs,
                     "groups_per_step": groups_per_step,
                     "pairs_per_step": pairs_per_step,
-                    "eval_batch_size": 32,
+                    # Scoring batches no larger than training's, so that peak memory is
+                    # the training step's for both (prefloop evaluates inside train()).
+                    "eval_batch_size": groups_per_step,
                     "max_length": args.max_length,
                     "epochs": args.epochs,
                     "lr": args.lr,
