@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from typing import Annotated
 
@@ -287,6 +288,12 @@ def demo(
     serve_after: Annotated[
         bool, typer.Option("--serve/--no-serve", help="Start the server afterwards.")
     ] = True,
+    with_worker: Annotated[
+        bool,
+        typer.Option(
+            "--worker/--no-worker", help="Run a training worker beside the server (needs torch)."
+        ),
+    ] = True,
 ) -> None:
     """Set up a local demo: migrate, create demo accounts (printing passwords), seed a campaign, serve."""
     from app import demo as demo_data
@@ -313,7 +320,35 @@ def demo(
     for username, role, password in accounts:
         typer.echo(f"  {role:<11} {username:<12} {password}")
     if serve_after:
-        serve(host=host, port=port, workers=1, reload=False)
+        worker = _start_demo_worker() if with_worker else None
+        try:
+            serve(host=host, port=port, workers=1, reload=False)
+        finally:
+            if worker is not None:
+                _stop_demo_worker(worker)
+
+
+def _start_demo_worker() -> subprocess.Popen[bytes] | None:
+    """`prefloop worker` in a child process, so jobs queued in the demo run; None (with a
+    note) when the trainer's dependencies are not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        typer.echo("no training worker: torch is not installed (pip install -e '.[trainer]')")
+        return None
+    command = [sys.executable, "-m", "app.cli", "worker", "--poll-seconds", "2"]
+    typer.echo("training worker started beside the server (prefloop worker)")
+    return subprocess.Popen(command, env=dict(os.environ))  # noqa: S603
+
+
+def _stop_demo_worker(worker: subprocess.Popen[bytes]) -> None:
+    """SIGTERM: the worker hands its job back to the queue and exits."""
+    if worker.poll() is None:
+        worker.terminate()
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
 
 
 def main() -> None:

@@ -218,7 +218,7 @@ def test_labels_become_a_job_and_a_reward_model_version(live, tmp_path):
     config = {
         "backbone": tiny_backbone(tmp_path / "backbone"),
         "campaigns": ["rm-live"],
-        "test_fraction": 0.25,
+        "test_fraction": 0.5,
         "score_tasks": 5,
         "training": {
             "learning_rate": 3e-3,
