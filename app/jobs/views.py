@@ -72,7 +72,9 @@ def state_filter(which: str) -> list[JobState] | None:
 def campaign_slugs(db: Any, ids: set[int]) -> dict[int, str]:
     if not ids:
         return {}
-    return dict(db.execute(select(Campaign.id, Campaign.slug).where(Campaign.id.in_(ids))).tuples().all())
+    return dict(
+        db.execute(select(Campaign.id, Campaign.slug).where(Campaign.id.in_(ids))).tuples().all()
+    )
 
 
 def row_context(db: Any, found: list[Job]) -> dict[str, Any]:
