@@ -115,29 +115,34 @@ def train_reward(
         database.dispose()
 
 
-def read_pairs(path: Path) -> list[tuple[Any, str, str]]:
+def read_pairs(path: Path, *, skip_invalid: bool = False) -> tuple[list[tuple[Any, str, str]], int]:
     """(prompt, chosen, rejected) from a preference file in the import formats (HH-RLHF or
-    TRL rows, JSON Lines or CSV, optionally gzipped). A bad line stops with its number."""
+    TRL rows, JSON Lines or CSV, optionally gzipped), and how many lines were skipped. A bad
+    line stops with its number, or is skipped and counted with `skip_invalid`."""
     from app.labeling.importer import RowError, file_kind, parse_row, read_records
 
     opener = gzip.open if path.name.endswith(".gz") else open
     pairs: list[tuple[Any, str, str]] = []
+    skipped = 0
     with opener(path, "rb") as stream:
         for line, record in read_records(stream, file_kind(path.name.removesuffix(".gz"))):
             try:
                 if isinstance(record, Exception):
                     raise record
                 row = parse_row(record, line)
+                if not row.is_pair:
+                    raise RowError(
+                        'not a preference pair (expected HH-RLHF "chosen"/"rejected", or TRL '
+                        '"prompt"/"chosen"/"rejected")'
+                    )
             except RowError as error:
+                if skip_invalid:
+                    skipped += 1
+                    continue
                 raise SpecError(f"{path.name} line {line}: {error}") from error
-            if not row.is_pair:
-                raise SpecError(
-                    f"{path.name} line {line}: not a preference pair (expected HH-RLHF "
-                    '"chosen"/"rejected", or TRL "prompt"/"chosen"/"rejected")'
-                )
             prompt = row.messages if row.messages else row.text
             pairs.append((prompt, row.completions[0], row.completions[1]))
-    return pairs
+    return pairs, skipped
 
 
 @reward_cli.command("eval")
@@ -146,13 +151,16 @@ def reward_eval(
     data: Annotated[Path, typer.Option("--data", help="Preference pairs, JSON Lines or CSV.")],
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 32,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Skip (and count) lines that are not pairs.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """Print a reward model's pair accuracy and calibration on a preference file it never saw."""
     if not data.is_file():
         fail(f"no such file: {data}", 2)
     try:
-        pairs = read_pairs(data)
+        pairs, skipped = read_pairs(data, skip_invalid=skip_invalid)
     except SpecError as error:
         fail(str(error), 2)
     except OSError as error:
@@ -179,8 +187,10 @@ def reward_eval(
         fail(f"reward eval needs the trainer extra (pip install 'prefloop[trainer]'): {error}", 1)
     figures = evaluate_pairs(folder, pairs, resolve_device(device), batch_size=batch_size)
     if as_json:
-        typer.echo(json.dumps({"model": version.id, "file": str(data), **figures}, sort_keys=True))
+        out = {"model": version.id, "file": str(data), "skipped_lines": skipped, **figures}
+        typer.echo(json.dumps(out, sort_keys=True))
         return
-    typer.echo(f"{label} on {data.name}: {figures['pairs']:,} pairs")
+    note = f" ({skipped:,} lines skipped)" if skipped else ""
+    typer.echo(f"{label} on {data.name}: {figures['pairs']:,} pairs{note}")
     typer.echo(f"  pair accuracy {figures['accuracy']:.4f}")
     typer.echo(f"  calibration error (ECE) {figures['ece']:.4f}")
