@@ -517,7 +517,8 @@ def train(
         rewards = _group_rewards(model, eval_data, pad_id, device, bf16, config.eval_batch_size)
         metrics = _pair_metrics(eval_data, rewards, config.ties)
         for name in ("accuracy", "ece", "loss"):
-            emit(step, f"eval/{name}", metrics[name])
+            if not math.isnan(metrics[name]):  # no held-out pairs: nothing to chart
+                emit(step, f"eval/{name}", metrics[name])
         if gold_data:
             gold_rewards = _group_rewards(
                 model, gold_data, pad_id, device, bf16, config.eval_batch_size
