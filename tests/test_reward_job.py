@@ -277,6 +277,26 @@ def test_labels_become_a_job_and_a_reward_model_version(live, tmp_path):
     assert len(side["judgments"]) == 2
     assert client.get(f"/api/v1/models/{model['id']}/tasks/999999", headers=auth).status_code == 404
 
+    # on demand: the model scores a task it trained on, and a prompt nobody labeled
+    trained_on = next(t for t in truth if str(t) not in map(str, model["scored_tasks"]))
+    url = f"/api/v1/models/{model['id']}/score"
+    assert client.post(url, json={"task_ids": [999999]}, headers=auth).status_code == 404
+    assert client.post(url, json={}, headers=auth).status_code == 422
+    assert client.post(url, json={"task_ids": [trained_on]}, headers=auth).status_code == 202
+    adhoc = client.post(
+        url, json={"prompt": "question 7", "completions": answers(7)}, headers=auth
+    ).json()
+    assert (
+        run_worker(
+            settings, "rm-worker", drain=True, database=database, install_signals=False, **FAST
+        )
+        == 2
+    )
+    side = client.get(f"/api/v1/models/{model['id']}/tasks/{trained_on}", headers=auth).json()
+    assert side["human_consensus"] == [[cid] for cid in truth[trained_on]]
+    adhoc = client.get(adhoc["url"], headers=auth).json()
+    assert adhoc["state"] == "succeeded" and len(adhoc["result"]["rewards"]) == 3
+
     # the pages
     page = client.get(f"/jobs/{job_id}", headers=auth)
     assert page.status_code == 200 and 'data-state="succeeded"' in page.text

@@ -17,6 +17,7 @@ Handler = Callable[[Any], dict[str, Any] | None]
 
 HANDLERS: dict[str, str] = {
     "train_reward": "trainer.reward_job:run",
+    "score_reward": "trainer.reward_job:score",
 }
 
 

@@ -36,7 +36,7 @@ from app.exports.query import make_context, read_session
 from app.exports.schemas import AsOf
 from app.exports.service import quality_reports
 from app.jobs.models import ModelKind, ModelVersion
-from app.jobs.specs import RewardJobSpec, parse_reward_spec
+from app.jobs.specs import RewardJobSpec, parse_reward_spec, parse_score_spec
 from app.labeling.models import Completion, Prompt, Task, TaskCompletion
 from trainer.reward import RankingGroup, RewardConfig, RewardScorer, train
 
@@ -335,3 +335,66 @@ def run(ctx: Any) -> dict[str, Any]:
         "data": data_ref,
         "steps": result.steps,
     }
+
+
+# --- scoring on demand ------------------------------------------------------------------------
+
+
+def task_texts(db: Session, task_ids: list[int]) -> dict[int, tuple[Any, list[int], list[str]]]:
+    """Each task's prompt (text, or chat messages) and completions, in task order."""
+    prompts = {
+        task_id: messages if messages else text
+        for task_id, text, messages in db.execute(
+            select(Task.id, Prompt.text, Prompt.messages)
+            .join(Prompt, Prompt.id == Task.prompt_id)
+            .where(Task.id.in_(task_ids))
+        )
+    }
+    out: dict[int, tuple[Any, list[int], list[str]]] = {
+        task_id: (prompt, [], []) for task_id, prompt in prompts.items()
+    }
+    for task_id, completion_id, text in db.execute(
+        select(TaskCompletion.task_id, Completion.id, Completion.text)
+        .join(Completion, Completion.id == TaskCompletion.completion_id)
+        .where(TaskCompletion.task_id.in_(task_ids))
+        .order_by(TaskCompletion.task_id, TaskCompletion.position)
+    ):
+        out[task_id][1].append(completion_id)
+        out[task_id][2].append(text)
+    return {task_id: out[task_id] for task_id in task_ids if task_id in out}
+
+
+def score(ctx: Any) -> dict[str, Any]:
+    """The worker's entry point for `score_reward` jobs: a reward model version scores the
+    given tasks (kept on the version, where its page sets them beside the humans' rankings)
+    or one prompt's completions (returned in the result)."""
+    spec = parse_score_spec(ctx.config)
+    with ctx.database.session() as db:
+        model = db.get(ModelVersion, spec.model_id)
+        if model is None:
+            raise ValueError(f"there is no model version {spec.model_id}")
+        folder = Path(ctx.settings.data_dir) / model.path
+        tasks = task_texts(db, spec.task_ids) if spec.task_ids else {}
+    ctx.report(0.1, "loading the reward model")
+    scorer = RewardScorer(folder, ctx.device)
+    if spec.task_ids is None:
+        rewards = scorer.score(spec.prompt, spec.completions or [])
+        ctx.report(1.0, "done")
+        return {"model_id": spec.model_id, "rewards": [round(float(r), 5) for r in rewards]}
+    scored: dict[str, dict[str, float]] = {}
+    for done, (task_id, (prompt, ids, texts)) in enumerate(tasks.items(), start=1):
+        rewards = scorer.score(prompt, texts)
+        scored[str(task_id)] = {
+            str(cid): round(float(r), 5) for cid, r in zip(ids, rewards, strict=True)
+        }
+        ctx.report(0.1 + 0.9 * done / len(tasks), f"scored {done} of {len(tasks)} tasks")
+        ctx.check_stop()
+
+    def record(db: Session) -> None:
+        model = db.get_one(ModelVersion, spec.model_id)
+        metrics = dict(model.metrics or {})
+        metrics["task_scores"] = {**metrics.get("task_scores", {}), **scored}
+        model.metrics = metrics  # a new dict, so the JSON column is written
+
+    ctx.on_complete(record)
+    return {"model_id": spec.model_id, "tasks": scored}

@@ -13,7 +13,7 @@ from app.auth.models import Role
 from app.jobs import service as jobs
 from app.jobs import training
 from app.jobs.models import Job, JobState, ModelVersion
-from app.jobs.specs import SpecError, parse_reward_spec
+from app.jobs.specs import SCORE_REWARD, SpecError, parse_reward_spec, parse_score_spec
 from app.web import CurrentPrincipal, DbSession, require_roles
 
 router = APIRouter(
@@ -28,9 +28,24 @@ class JobIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["train_reward"]
+    kind: Literal["train_reward", "score_reward"]
     config: dict[str, Any]
     priority: int = Field(0, ge=-100, le=100)
+
+
+def spec_status(error: SpecError) -> int:
+    """404 when the spec names something that does not exist, else 422."""
+    return 404 if "there is no " in str(error) else 422
+
+
+class ScoreIn(BaseModel):
+    """What to score: stored tasks, or one prompt's completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_ids: list[int] | None = None
+    prompt: str | list[dict[str, str]] | None = None
+    completions: list[str] | None = None
 
 
 def job_or_404(db: Any, job_id: int) -> Job:
@@ -57,14 +72,18 @@ def one_job(db: Any, job: Job) -> dict[str, Any]:
 def create_job(body: JobIn, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
     """Queue a job; 422 names a bad option, 404 an unknown campaign. Nothing is queued then."""
     try:
-        spec = parse_reward_spec(body.config)
-        job = training.queue_reward_training(
-            db, spec, actor_id=principal.user.id, priority=body.priority
-        )
+        if body.kind == SCORE_REWARD:
+            job = training.queue_scoring(
+                db, parse_score_spec(body.config), actor_id=principal.user.id
+            )
+        else:
+            spec = parse_reward_spec(body.config)
+            job = training.queue_reward_training(
+                db, spec, actor_id=principal.user.id, priority=body.priority
+            )
     except SpecError as error:
         db.rollback()
-        status = 404 if "there is no campaign" in str(error) else 422
-        raise HTTPException(status, str(error)) from error
+        raise HTTPException(spec_status(error), str(error)) from error
     db.commit()
     return one_job(db, job)
 
@@ -145,6 +164,23 @@ def list_models(
 def show_model(model_id: int, db: DbSession) -> dict[str, Any]:
     """A model version: where its files are, how it was trained, its evaluation."""
     return training.model_json(model_or_404(db, model_id))
+
+
+@router.post("/models/{model_id}/score", status_code=202)
+def score_with_model(
+    model_id: int, body: ScoreIn, db: DbSession, principal: CurrentPrincipal
+) -> dict[str, Any]:
+    """Queue a `score_reward` job: the model scores the tasks (then
+    `GET /models/{id}/tasks/{task_id}` sets them beside the humans') or the prompt's
+    completions (the job's `result.rewards`). Poll the job's URL."""
+    try:
+        spec = parse_score_spec({"model_id": model_id, **body.model_dump(exclude_none=True)})
+        job = training.queue_scoring(db, spec, actor_id=principal.user.id)
+    except SpecError as error:
+        db.rollback()
+        raise HTTPException(spec_status(error), str(error)) from error
+    db.commit()
+    return one_job(db, job)
 
 
 @router.get("/models/{model_id}/tasks/{task_id}")

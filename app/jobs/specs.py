@@ -139,3 +139,34 @@ def bundled_backbone() -> str | None:
         return None
     folder = Path(spec.origin).parent / "model"
     return str(folder) if (folder / "config.json").is_file() else None
+
+
+SCORE_REWARD = "score_reward"
+
+
+class ScoreJobSpec(BaseModel):
+    """A `score_reward` job: a reward model version scores tasks (stored on the version, for
+    its page and the API) or one prompt's completions (in the job's result)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: int = Field(ge=1)
+    task_ids: list[int] | None = Field(None, min_length=1, max_length=500)
+    prompt: str | list[dict[str, str]] | None = None
+    completions: list[str] | None = Field(None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScoreJobSpec:
+        texts = self.prompt is not None or self.completions is not None
+        if (self.task_ids is not None) == texts:
+            raise ValueError("give task_ids, or a prompt with its completions")
+        if texts and (self.prompt is None or not self.completions):
+            raise ValueError("a prompt needs its completions, and completions their prompt")
+        return self
+
+
+def parse_score_spec(raw: dict[str, Any]) -> ScoreJobSpec:
+    try:
+        return ScoreJobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_message(error)) from error

@@ -16,7 +16,7 @@ from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign
 from app.jobs import service as jobs
 from app.jobs.models import Job, JobMetric, ModelVersion
-from app.jobs.specs import TRAIN_REWARD, RewardJobSpec, SpecError
+from app.jobs.specs import SCORE_REWARD, TRAIN_REWARD, RewardJobSpec, ScoreJobSpec, SpecError
 from app.labeling.models import Judgment, Task
 from app.quality import metrics as quality_metrics
 
@@ -48,6 +48,35 @@ def queue_reward_training(
         entity_type="job",
         entity_id=job.id,
         after={"kind": job.kind, "campaigns": spec.campaigns, "backbone": spec.backbone},
+    )
+    return job
+
+
+def queue_scoring(db: Session, spec: ScoreJobSpec, *, actor_id: int | None) -> Job:
+    """Queue a `score_reward` job for a reward model version (SpecError if it is not one)."""
+    model = db.get(ModelVersion, spec.model_id)
+    if model is None or model.kind.value != "reward":
+        raise SpecError(f"model_id: there is no reward model version {spec.model_id}")
+    if spec.task_ids:
+        found = set(db.scalars(select(Task.id).where(Task.id.in_(spec.task_ids))))
+        missing = sorted(set(spec.task_ids) - found)
+        if missing:
+            raise SpecError(f"task_ids: there is no task {missing[0]}")
+    job = jobs.enqueue(
+        db,
+        kind=SCORE_REWARD,
+        config=spec.model_dump(mode="json", exclude_none=True),
+        campaign_id=model.campaign_id,
+        created_by_id=actor_id,
+        priority=10,  # a person is waiting for it
+    )
+    audit.record(
+        db,
+        actor_id=actor_id,
+        action="job.create",
+        entity_type="job",
+        entity_id=job.id,
+        after={"kind": job.kind, "model_id": model.id, "task_ids": spec.task_ids},
     )
     return job
 

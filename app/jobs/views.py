@@ -20,7 +20,13 @@ from app.campaigns.models import Campaign
 from app.jobs import api, training
 from app.jobs import service as jobs
 from app.jobs.models import Job, JobState, ModelVersion
-from app.jobs.specs import RewardJobSpec, RewardTraining, SpecError, bundled_backbone
+from app.jobs.specs import (
+    RewardJobSpec,
+    RewardTraining,
+    ScoreJobSpec,
+    SpecError,
+    bundled_backbone,
+)
 from app.web import (
     CurrentPrincipal,
     DbSession,
@@ -245,6 +251,32 @@ def retry_job(
 ) -> Response:
     """Queue a failed, dead or cancelled job again; it resumes from its checkpoint."""
     return _change(request, db, principal, job_id, "retry")
+
+
+def _score(request: Request, db: Any, principal: Any, model_id: int, raw: str) -> Response:
+    api.model_or_404(db, model_id)
+    try:
+        task_ids = [int(part) for part in raw.replace(",", " ").split()]
+        spec = ScoreJobSpec(model_id=model_id, task_ids=task_ids or None)
+        job = training.queue_scoring(db, spec, actor_id=principal.user.id)
+    except (SpecError, ValueError) as error:
+        db.rollback()
+        message = str(error) if isinstance(error, SpecError) else "task ids are numbers"
+        flash(db, principal, f"Nothing was queued: {message}", "error")
+        db.commit()
+        return RedirectResponse(f"/models/{model_id}", status_code=303)
+    flash(db, principal, f"Job #{job.id} scores {len(task_ids)} task(s) with this model.")
+    db.commit()
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+@router.post("/models/{model_id}/score")
+async def score_tasks(
+    model_id: int, request: Request, db: DbSession, principal: CurrentPrincipal
+) -> Response:
+    """Queue a job in which the model scores the given tasks; their rankings then show here."""
+    raw = str((await request.form()).get("task_ids") or "")
+    return await run_in_threadpool(_score, request, db, principal, model_id, raw)
 
 
 @router.get("/models/{model_id}")
