@@ -20,6 +20,7 @@ from app.config import get_settings
 from app.db import redact_url
 from app.exports.cli import export_command
 from app.jobs.cli import job_cli, worker_command
+from app.jobs.models_cli import generate_command, model_cli
 from app.jobs.train_cli import reward_cli, train_cli
 from app.labeling.import_cli import import_file
 
@@ -44,6 +45,8 @@ cli.add_typer(job_cli, name="job")
 cli.command("worker")(worker_command)
 cli.add_typer(train_cli, name="train")
 cli.add_typer(reward_cli, name="reward")
+cli.add_typer(model_cli, name="model")
+cli.command("generate")(generate_command)
 
 
 # --- serve ------------------------------------------------------------------------------------

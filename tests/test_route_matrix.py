@@ -96,6 +96,12 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/models"): {RESEARCHER, ADMIN},
     ("GET", "/api/v1/models/{model_id}"): {RESEARCHER, ADMIN},
     ("GET", "/api/v1/models/{model_id}/tasks/{task_id}"): {RESEARCHER, ADMIN},
+    # the model registry and generation jobs
+    ("GET", "/models"): {RESEARCHER, ADMIN},
+    ("POST", "/models"): {ADMIN},
+    ("POST", "/api/v1/models"): {ADMIN},
+    ("GET", "/generate"): {RESEARCHER, ADMIN},
+    ("POST", "/generate"): {RESEARCHER, ADMIN},
     # labeling (pages and API)
     ("GET", "/label/history"): {LABELER},
     ("GET", "/label/{slug}"): {LABELER},

@@ -10,11 +10,18 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth.models import Role
+from app.jobs import registry, training
 from app.jobs import service as jobs
-from app.jobs import training
 from app.jobs.models import Job, JobState, ModelVersion
-from app.jobs.specs import SCORE_REWARD, SpecError, parse_reward_spec, parse_score_spec
-from app.web import CurrentPrincipal, DbSession, require_roles
+from app.jobs.specs import (
+    GENERATE,
+    SCORE_REWARD,
+    SpecError,
+    parse_generate_spec,
+    parse_reward_spec,
+    parse_score_spec,
+)
+from app.web import CurrentPrincipal, DbSession, SettingsDep, require_roles
 
 router = APIRouter(
     prefix="/api/v1",
@@ -28,7 +35,7 @@ class JobIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["train_reward", "score_reward"]
+    kind: Literal["train_reward", "score_reward", "generate"]
     config: dict[str, Any]
     priority: int = Field(0, ge=-100, le=100)
 
@@ -75,6 +82,13 @@ def create_job(body: JobIn, db: DbSession, principal: CurrentPrincipal) -> dict[
         if body.kind == SCORE_REWARD:
             job = training.queue_scoring(
                 db, parse_score_spec(body.config), actor_id=principal.user.id
+            )
+        elif body.kind == GENERATE:
+            job = registry.queue_generation(
+                db,
+                parse_generate_spec(body.config),
+                actor_id=principal.user.id,
+                priority=body.priority,
             )
         else:
             spec = parse_reward_spec(body.config)
@@ -200,3 +214,36 @@ def model_task(model_id: int, task_id: int, db: DbSession) -> dict[str, Any]:
         "judgments": [{"ranking": r} for _, r in found.judgments],
         "pair_agreement": found.pair_agreement,
     }
+
+
+class ModelIn(BaseModel):
+    """A model trained elsewhere, to register as a version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    path: str = Field(min_length=1, max_length=1000, description="A folder or a hub id.")
+    kind: Literal["policy", "reward"] = "policy"
+    algorithm: str | None = Field(None, description="base or sft (policy), reward.")
+    parent_id: int | None = None
+
+
+@router.post("/models", status_code=201, dependencies=[Depends(require_roles(Role.admin))])
+def register_model(
+    body: ModelIn, db: DbSession, principal: CurrentPrincipal, settings: SettingsDep
+) -> dict[str, Any]:
+    """Register a model folder (absolute, or under PREFLOOP_DATA_DIR) or hub id (admins);
+    422 says what is wrong with it."""
+    try:
+        model = registry.register(
+            db,
+            **body.model_dump(),
+            data_dir=settings.data_dir,
+            actor_id=principal.user.id,
+        )
+    except registry.RegistryError as error:
+        db.rollback()
+        status = 404 if "there is no model version" in str(error) else 422
+        raise HTTPException(status, str(error)) from error
+    db.commit()
+    return training.model_json(model)

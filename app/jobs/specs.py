@@ -170,3 +170,84 @@ def parse_score_spec(raw: dict[str, Any]) -> ScoreJobSpec:
         return ScoreJobSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(_message(error)) from error
+
+
+GENERATE = "generate"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class Endpoint(BaseModel):
+    """An OpenAI-compatible server (vLLM, TGI, llama.cpp, OpenAI) that samples instead of a
+    local model. The API key is read on the worker from the environment variable named here;
+    the key itself is never stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(
+        min_length=8,
+        max_length=500,
+        pattern=r"^https?://",
+        description="e.g. http://127.0.0.1:8000/v1 (with or without the /v1).",
+    )
+    model: str = Field(min_length=1, max_length=200, description="The served model's name.")
+    api: Literal["chat", "completions"] = Field(
+        "chat", description="/v1/chat/completions, or /v1/completions (text prompts)."
+    )
+    api_key_env: str | None = Field(
+        None, max_length=100, pattern=ENV_NAME, description="Environment variable with the key."
+    )
+    timeout_seconds: float = Field(120.0, gt=0, le=3600, description="Per request.")
+    max_retries: int = Field(4, ge=0, le=20, description="On 429, 5xx and connection errors.")
+    concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+
+
+class GenerateJobSpec(BaseModel):
+    """A `generate` job: sample the campaign's K completions for each prompt that lacks them,
+    from a policy model version (Hugging Face, on the worker) or an OpenAI-compatible endpoint,
+    and create a task of them for the labelers.
+
+    A prompt lacks completions when it has no open task and fewer than K completions from this
+    generator (the model version, or the endpoint's model): prompts imported without
+    completions, and prompts whose tasks are all complete or retired, which a new policy
+    should answer afresh. Prompts that labelers are still working on are left alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    campaign: str = Field(min_length=1, max_length=100, description="Campaign slug.")
+    model_id: int | None = Field(None, ge=1, description="A policy model version.")
+    endpoint: Endpoint | None = None
+    max_prompts: int | None = Field(None, ge=1, le=1_000_000, description="Empty: every one.")
+    temperature: float = Field(1.0, ge=0, le=5, description="0 decodes greedily.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_new_tokens: int = Field(256, ge=1, le=32_768)
+    max_prompt_tokens: int = Field(
+        1024, ge=8, le=131_072, description="Longer prompts lose their start (local models)."
+    )
+    batch_size: int = Field(8, ge=1, le=1024, description="Prompts sampled together.")
+    resample_rounds: int = Field(
+        4, ge=0, le=50, description="Rounds of re-sampling duplicates before giving up a prompt."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    task_priority: int = Field(0, ge=-1000, le=1000, description="The new tasks' priority.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GenerateJobSpec:
+        if (self.model_id is None) == (self.endpoint is None):
+            raise ValueError("give a model_id (a policy model version) or an endpoint, not both")
+        return self
+
+    def sampling(self) -> dict[str, Any]:
+        """What is stored with each completion about how it was sampled."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+        }
+
+
+def parse_generate_spec(raw: dict[str, Any]) -> GenerateJobSpec:
+    try:
+        return GenerateJobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_message(error)) from error

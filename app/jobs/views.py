@@ -17,10 +17,11 @@ from starlette.responses import RedirectResponse, Response
 from app.auth.models import Role
 from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign
-from app.jobs import api, training
+from app.jobs import api, registry, training
 from app.jobs import service as jobs
 from app.jobs.models import Job, JobState, ModelVersion
 from app.jobs.specs import (
+    GenerateJobSpec,
     RewardJobSpec,
     RewardTraining,
     ScoreJobSpec,
@@ -300,3 +301,149 @@ def model_page(
         "one_task": task,
     }
     return render(request, MODEL_TEMPLATE, context, db=db)
+
+
+# --- the model registry and generation jobs ------------------------------------------------------
+
+MODELS_TEMPLATE = "jobs/models.html"
+GENERATE_TEMPLATE = "jobs/generate.html"
+GENERATE_FIELDS = (
+    ("temperature", "Temperature", "number", "0 decodes greedily (only for one completion)."),
+    ("top_p", "Top-p", "number", "Nucleus sampling: 1 keeps every token."),
+    ("max_new_tokens", "Max new tokens", "number", "A completion stops at EOS or here."),
+    ("max_prompts", "Number of prompts", "number", "Empty: every prompt that lacks completions."),
+    ("batch_size", "Prompts per batch", "number", ""),
+    ("seed", "Seed", "number", ""),
+)
+ENDPOINT_FIELDS = ("base_url", "model", "api", "api_key_env")
+
+
+def models_context(db: Any, principal: Any, form: dict[str, Any], error: str | None = None):
+    found = registry.list_versions(db)
+    return {
+        "versions": found,
+        "parents": registry.model_names(db, {m.parent_id for m in found if m.parent_id}),
+        "is_admin": principal.user.role == Role.admin,
+        "form": form,
+        "error": error,
+    }
+
+
+@router.get("/models")
+def models_page(request: Request, db: DbSession, principal: CurrentPrincipal) -> Response:
+    """Every model version of every kind; admins register models trained elsewhere here."""
+    context = models_context(db, principal, {"kind": "policy"})
+    return render(request, MODELS_TEMPLATE, context, db=db)
+
+
+def _register(request: Request, db: Any, principal: Any, form: dict[str, Any]) -> Response:
+    try:
+        parent = int(form["parent_id"]) if form.get("parent_id") else None
+        model = registry.register(
+            db,
+            name=form.get("name", ""),
+            path=form.get("path", ""),
+            kind=form.get("kind") or "policy",
+            algorithm=form.get("algorithm") or None,
+            parent_id=parent,
+            data_dir=request.app.state.settings.data_dir,
+            actor_id=principal.user.id,
+        )
+    except (registry.RegistryError, ValueError) as error:
+        db.rollback()
+        message = str(error) if isinstance(error, registry.RegistryError) else "parent: a number"
+        context = models_context(db, principal, form, message)
+        return render(request, MODELS_TEMPLATE, context, status_code=422, db=db)
+    flash(db, principal, f"Registered model version #{model.id}: {model.name}.")
+    db.commit()
+    return RedirectResponse("/models", status_code=303)
+
+
+@router.post("/models", dependencies=[Depends(require_roles(Role.admin))])
+async def register_model(request: Request, db: DbSession, principal: CurrentPrincipal) -> Response:
+    """Register a model folder or hub id as a version (admins); a bad field shows the form again."""
+    raw = await request.form()
+    form = {key: str(value).strip() for key, value in raw.items() if key != "csrf_token"}
+    return await run_in_threadpool(_register, request, db, principal, form)
+
+
+def generate_defaults(campaign: str | None, model: int | None) -> dict[str, Any]:
+    defaults = GenerateJobSpec.model_fields
+    form = {name: defaults[name].default for name, *_ in GENERATE_FIELDS}
+    return form | {"campaign": campaign or "", "model_id": model, "source": "model", "api": "chat"}
+
+
+def generate_context(db: Any, form: dict[str, Any], error: str | None = None) -> dict[str, Any]:
+    due = None
+    found = campaigns.get_by_slug(db, form.get("campaign") or "")
+    if found is not None and form.get("source") == "model" and form.get("model_id"):
+        try:
+            spec = GenerateJobSpec(campaign=found.slug, model_id=int(form["model_id"]))
+            due = len(registry.due_prompts(db, found, spec))
+        except ValueError:
+            due = None
+    return {
+        "form": form,
+        "error": error,
+        "campaign_list": campaigns.list_campaigns(db),
+        "policies": registry.list_versions(db, kind="policy"),
+        "fields": GENERATE_FIELDS,
+        "due": due,
+        "per_task": registry.per_task(found) if found is not None else None,
+    }
+
+
+@router.get("/generate")
+def generate_form(
+    request: Request,
+    db: DbSession,
+    campaign: Annotated[str | None, Query()] = None,
+    model: Annotated[int | None, Query(ge=1)] = None,
+) -> Response:
+    """The form that queues a generation job: a campaign, a policy version or an endpoint,
+    and how to sample."""
+    context = generate_context(db, generate_defaults(campaign, model))
+    return render(request, GENERATE_TEMPLATE, context, db=db)
+
+
+def generate_input(form: dict[str, str]) -> dict[str, Any]:
+    """The form as a GenerateJobSpec's input: empty fields keep their defaults."""
+    raw: dict[str, Any] = {"campaign": form.get("campaign", "")}
+    for name, *_ in GENERATE_FIELDS:
+        if form.get(name):
+            raw[name] = form[name]
+    if form.get("source") == "endpoint":
+        endpoint = {
+            name: form[f"endpoint_{name}"]
+            for name in ENDPOINT_FIELDS
+            if form.get(f"endpoint_{name}")
+        }
+        raw["endpoint"] = endpoint
+    elif form.get("model_id"):
+        raw["model_id"] = form["model_id"]
+    return raw
+
+
+def _generate(request: Request, db: Any, principal: Any, form: dict[str, str]) -> Response:
+    raw = generate_input(form)
+    try:
+        spec = GenerateJobSpec.model_validate(raw)
+        job = registry.queue_generation(db, spec, actor_id=principal.user.id)
+    except (SpecError, ValueError) as error:
+        db.rollback()
+        message = str(error) if isinstance(error, SpecError) else _first_errors(error)
+        context = generate_context(db, form, message)
+        return render(request, GENERATE_TEMPLATE, context, status_code=422, db=db)
+    flash(db, principal, f"Job #{job.id} is queued: a worker will sample the completions.")
+    db.commit()
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+@router.post("/generate")
+async def create_generate_job(
+    request: Request, db: DbSession, principal: CurrentPrincipal
+) -> Response:
+    """Queue a generation job from the form; a bad field shows the form again, queues nothing."""
+    raw = await request.form()
+    form = {key: str(value).strip() for key, value in raw.items() if key != "csrf_token"}
+    return await run_in_threadpool(_generate, request, db, principal, form)
