@@ -18,6 +18,7 @@ Handler = Callable[[Any], dict[str, Any] | None]
 HANDLERS: dict[str, str] = {
     "train_reward": "trainer.reward_job:run",
     "score_reward": "trainer.reward_job:score",
+    "generate": "trainer.generate_job:run",
 }
 
 

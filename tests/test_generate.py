@@ -1,0 +1,416 @@
+"""Sampling on a tiny Llama built from config (left padding: batched greedy decoding equals
+one prompt at a time; EOS stops a row; the chat template), re-sampling duplicates, and the
+`generate` job end to end: a registered policy (or an OpenAI-compatible server) answers the
+campaign's prompts that lack completions, and the labeling service serves the new tasks."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.auth import service as auth_service
+from app.auth.models import Role, User
+from app.campaigns.models import Campaign
+from app.db import Database
+from app.jobs import registry
+from app.jobs import service as job_service
+from app.jobs.models import Job, JobState
+from app.jobs.specs import GenerateJobSpec
+from app.labeling import importer
+from app.labeling import service as labeling
+from app.labeling.models import Completion, CompletionSource, Prompt, Task, TaskStatus
+from app.labeling.schemas import JudgmentIn
+from app.main import create_app
+from tests.conftest import make_settings
+from tests.factories import make_campaign, make_labeler, make_task
+from tests.test_openai_client import vllm  # noqa: F401  (the fixture)
+from tests.tiny_models import causal_lm, tokenizer_for
+from trainer.generate import HFSampler, sample_distinct, text_hash
+from trainer.worker import run_worker
+
+FAST = {"lease_seconds": 30.0, "heartbeat_seconds": 0.3, "poll_interval": 0.05}
+WORDS = (
+    "why is the sky blue because light scatters more at short wavelengths "
+    "what makes grass green chlorophyll absorbs red and reflects it tell me a joke "
+    "about cats they sleep all day and night hello there friend"
+)
+PROMPTS = [
+    "why is the sky blue",
+    "what makes grass green",
+    "tell me a joke about cats",
+    "hello there",
+    "why do cats sleep all day",
+    "what is light",
+]
+
+
+def tiny_policy(folder: Path, *, seed: int = 0, template: bool = True) -> Path:
+    tokenizer = tokenizer_for([WORDS, *PROMPTS])
+    if not template:
+        tokenizer.chat_template = None
+    causal_lm(tokenizer, seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory) -> HFSampler:
+    return HFSampler(tiny_policy(tmp_path_factory.mktemp("policy") / "m"), "cpu")
+
+
+# --- the sampler ---------------------------------------------------------------------------------
+
+
+def test_batched_greedy_decoding_equals_one_prompt_at_a_time(sampler):
+    """Left padding with its attention mask changes nothing: every row decodes exactly as it
+    would alone (the prompts differ in length, so the short ones are padded)."""
+    lengths = {len(sampler.encode(p)) for p in PROMPTS}
+    assert len(lengths) > 1
+    batched = sampler.sample(PROMPTS, 1, temperature=0, max_new_tokens=8)
+    alone = [sampler.sample([p], 1, temperature=0, max_new_tokens=8)[0] for p in PROMPTS]
+    assert batched == alone
+    assert len({group[0][0] for group in batched}) > 1  # the prompts do lead somewhere else
+    # n copies of a prompt decode greedily to the same text
+    assert len(set(sampler.sample(PROMPTS[:1], 3, temperature=0, max_new_tokens=8)[0])) == 1
+
+
+def test_a_row_stops_at_eos_and_the_rest_is_cut(sampler):
+    prompt = PROMPTS[0]
+    free = sampler.sample([prompt], 1, temperature=0, max_new_tokens=8)[0][0]
+    assert free[1] == "length"
+    # make the token greedy decoding emits third the EOS: generation must stop right before it
+    input_ids = sampler.encode(prompt)
+    import torch
+
+    with torch.inference_mode():
+        out = sampler.model.generate(
+            input_ids=torch.tensor([input_ids]),
+            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=sampler.eos_ids,
+            pad_token_id=sampler.tokenizer.pad_token_id,
+        )
+    new = out[0, len(input_ids) :].tolist()
+    cut = next(j for j in range(1, len(new)) if new[j] not in new[:j])
+    saved = sampler.eos_ids
+    sampler.eos_ids = [new[cut]]
+    try:
+        # a second prompt runs longer in the same batch: the first is cut at its own EOS
+        [[(text, reason)], [(other, other_reason)]] = sampler.sample(
+            [prompt, PROMPTS[1]], 1, temperature=0, max_new_tokens=8
+        )
+    finally:
+        sampler.eos_ids = saved
+    assert reason == "stop"
+    assert text == sampler.tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+    assert other_reason in ("stop", "length") and isinstance(other, str)
+
+
+def test_the_chat_template_or_bos_frames_the_prompt(sampler, tmp_path):
+    ids = sampler.encode("hello there")
+    tokens = sampler.tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[0] == "<user>" and tokens[-1] == "<assistant>"
+    chat = sampler.encode(
+        [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}]
+    )
+    assert sampler.tokenizer.convert_ids_to_tokens(chat)[0] == "<system>"
+    plain = HFSampler(tiny_policy(tmp_path / "plain", template=False), "cpu")
+    assert not plain.chat_template
+    assert plain.tokenizer.convert_ids_to_tokens(plain.encode("hello there"))[-2:] == [
+        "hello",
+        "there",
+    ]
+    short = HFSampler(tmp_path / "plain", "cpu", max_prompt_tokens=3)
+    assert len(short.encode(PROMPTS[4])) == 3  # the start is cut, the end kept
+    assert short.tokenizer.convert_ids_to_tokens(short.encode(PROMPTS[4]))[-1] == "day"
+
+
+def test_duplicates_are_resampled_until_k_distinct():
+    calls: list[tuple[int, int]] = []
+    script = {0: ["same", "same", "same"], 1: ["same", "new"], 2: ["newer"]}
+
+    def fake(prompts, n, round_number):
+        calls.append((len(prompts), n))
+        return [[(text, "stop") for text in script[round_number][:n]] for _ in prompts]
+
+    got = sample_distinct(fake, ["p"], 3, max_rounds=4)
+    assert [text for text, _ in got.completions[0]] == ["same", "new", "newer"]
+    assert got.duplicates == 3 and got.rounds == 2 and got.short == [] and got.sampled == 6
+    assert calls == [(1, 3), (1, 2), (1, 1)]
+    # the prompt's stored completions count as seen; an empty text is dropped too
+    existing = [{text_hash("same")}]
+    script = {0: ["same", "", "a"], 1: ["a", "b"], 2: ["a"]}
+    got = sample_distinct(fake, ["p"], 3, existing=existing, max_rounds=2)
+    assert [text for text, _ in got.completions[0]] == ["a", "b"]
+    assert got.short == [0] and got.rounds == 2
+
+
+def test_a_tiny_model_resamples_its_repeats(sampler):
+    """One new token from a small vocabulary repeats often: the repeats are drawn again."""
+    prompts = PROMPTS[:3]
+    got = sample_distinct(
+        lambda ps, n, r: sampler.sample(ps, n, temperature=1.5, max_new_tokens=1, seed=r),
+        prompts,
+        5,
+        max_rounds=20,
+    )
+    assert got.duplicates > 0 and got.short == []
+    for group in got.completions:
+        texts = [text for text, _ in group]
+        assert len(texts) == 5 and len(set(texts)) == 5 and all(texts)
+
+
+# --- the job, end to end -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def live(fresh_database_url, tmp_path):
+    database = Database(fresh_database_url)
+    settings = make_settings(database_url=fresh_database_url, data_dir=tmp_path / "data")
+    yield database, settings
+    database.dispose()
+
+
+def seed_campaign(db, slug: str):
+    """Prompts without completions (text and chat), one being labeled, one whose task is done."""
+    campaign = make_campaign(db, slug=slug, k=3, overlap=2)
+    lines = [json.dumps({"prompt": p}) for p in PROMPTS[:4]]
+    lines.append(json.dumps({"messages": [{"role": "user", "content": PROMPTS[4]}]}))
+    importer.import_stream(db, campaign, io.BytesIO("\n".join(lines).encode()), file_name="p.jsonl")
+    busy = make_task(db, campaign, prompt="busy prompt", completions=["x", "y", "z"])
+    done = make_task(db, campaign, prompt=PROMPTS[5], completions=["dup", "light is fast", "w"])
+    done.status = TaskStatus.complete
+    return campaign, busy, done
+
+
+def test_a_policy_answers_the_prompts_that_lack_completions(live):
+    database, settings = live
+    folder = tiny_policy(Path(settings.data_dir) / "models" / "tiny-policy")
+    with database.session() as db:
+        campaign, busy, done = seed_campaign(db, "gen-live")
+        policy = registry.register(
+            db, name="tiny", path="models/tiny-policy", data_dir=settings.data_dir, actor_id=None
+        )
+        researcher = auth_service.create_user(
+            db, username="gen-r", role=Role.researcher, password=None
+        )
+        token = auth_service.create_api_token(db, researcher, name="gen").secret
+        labeler = make_labeler(db, "gen-labeler")
+        db.commit()
+        ids = {
+            "campaign": campaign.id,
+            "policy": policy.id,
+            "busy": busy.prompt_id,
+            "done": done.prompt_id,
+            "labeler": labeler.id,
+        }
+    assert folder.is_dir()
+    client = TestClient(create_app(settings, database))
+    auth = {"Authorization": f"Bearer {token}"}
+    config = {
+        "campaign": "gen-live",
+        "model_id": ids["policy"],
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "max_new_tokens": 6,
+        "batch_size": 2,
+        "max_prompts": 4,
+        "resample_rounds": 10,
+        "seed": 7,
+    }
+    created = client.post("/api/v1/jobs", json={"kind": "generate", "config": config}, headers=auth)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    assert (
+        run_worker(
+            settings, "gen-worker", once=True, database=database, install_signals=False, **FAST
+        )
+        == 1
+    )
+
+    job = client.get(f"/api/v1/jobs/{job_id}", headers=auth).json()
+    assert job["state"] == "succeeded", job["error"]
+    result = job["result"]
+    assert result["prompts_planned"] == 4 and result["prompts_done"] == 4
+    assert result["tasks_created"] == 4 and result["completions"] == 12, result
+    assert result["completions_per_second"] > 0
+    series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()["series"]
+    assert {"generate/completions_per_second", "generate/duplicates_resampled"} <= series.keys()
+    assert len(series["generate/tasks_created"]) == 2  # two batches of two prompts
+
+    with database.session() as db:
+        new_tasks = db.scalars(
+            select(Task)
+            .join(Prompt)
+            .where(
+                Task.campaign_id == ids["campaign"],
+                Task.prompt_id != ids["busy"],
+                Task.status == TaskStatus.open,
+            )
+            .order_by(Task.id)
+        ).all()
+        assert len(new_tasks) == 4
+        for task in new_tasks:
+            assert task.required_judgments == 2 and len(task.items) == 3
+            made = [item.completion for item in task.items]
+            assert len({c.content_hash for c in made}) == 3
+            for c in made:
+                assert c.source is CompletionSource.model and c.model_version_id == ids["policy"]
+                assert c.content_hash == text_hash(c.text) and c.text
+                params = c.generation_params
+                assert params["temperature"] == 1.0 and params["top_p"] == 0.95
+                assert params["max_new_tokens"] == 6 and params["job_id"] == job_id
+                assert params["backend"] == "hf" and params["chat_template"] is True
+                assert params["finish_reason"] in ("stop", "length")
+        # the labeling service serves them, like any imported task
+        user = db.get_one(User, ids["labeler"])
+        campaign = db.get_one(Campaign, ids["campaign"])
+        served = set()
+        rng = random.Random(1)
+        while (lease := labeling.next_task(db, user=user, campaign=campaign, rng=rng)) is not None:
+            served.add(lease.task_id)
+            ranking = [[cid] for cid in lease.display_order]
+            labeling.submit(
+                db, user=user, submit_key=lease.submit_key, answer=JudgmentIn(ranking=ranking)
+            )
+        db.commit()
+        assert {t.id for t in new_tasks} <= served
+
+    # a second job takes the prompts left: the fifth (a chat prompt) and the one whose task was
+    # judged, never the one being labeled, nor those answered already
+    again = client.post(
+        "/api/v1/jobs",
+        json={"kind": "generate", "config": {**config, "max_prompts": None}},
+        headers=auth,
+    )
+    assert again.status_code == 201
+    assert (
+        run_worker(
+            settings, "gen-worker", once=True, database=database, install_signals=False, **FAST
+        )
+        == 1
+    )
+    second = client.get(again.json()["url"], headers=auth).json()
+    assert second["state"] == "succeeded", second["error"]
+    assert second["result"]["prompts_planned"] == 2 and second["result"]["tasks_created"] == 2
+    with database.session() as db:
+        texts = db.scalars(select(Completion.text).where(Completion.prompt_id == ids["done"])).all()
+        assert len(texts) == 6 and len(set(texts)) == 6  # none repeats the judged task's
+        assert (
+            db.scalar(
+                select(Task.id).where(Task.prompt_id == ids["busy"], Task.status == TaskStatus.open)
+            )
+            is not None
+        )
+        assert len(db.scalars(select(Task).where(Task.prompt_id == ids["busy"])).all()) == 1
+
+    # nothing is left: a third job plans nothing and succeeds
+    third = client.post("/api/v1/jobs", json={"kind": "generate", "config": config}, headers=auth)
+    run_worker(settings, "gen-worker", once=True, database=database, install_signals=False, **FAST)
+    assert client.get(third.json()["url"], headers=auth).json()["result"]["prompts_planned"] == 0
+
+
+def test_an_endpoint_answers_with_retries_and_resampled_repeats(live, vllm, monkeypatch):  # noqa: F811
+    database, settings = live
+    asked: dict[str, int] = {}
+
+    def answer(body, count):
+        prompt = body["messages"][-1]["content"]
+        asked[prompt] = asked.get(prompt, 0) + 1
+        # The first answer repeats itself (one duplicate per prompt), and the judged task's
+        # stored "dup" too (a second duplicate for that prompt).
+        if asked[prompt] == 1:
+            return ["dup", "dup", f"{prompt} one"][: body["n"]]
+        return [f"{prompt} {asked[prompt]}.{i}" for i in range(body["n"])]
+
+    vllm.answer = answer
+    vllm.failures = [500, (429, {"Retry-After": "0"})]
+    monkeypatch.setenv("GEN_TEST_KEY", "sk-secret")
+    with database.session() as db:
+        _, _, done = seed_campaign(db, "gen-endpoint")
+        job = registry.queue_generation(
+            db,
+            GenerateJobSpec(
+                campaign="gen-endpoint",
+                endpoint={
+                    "base_url": vllm.base_url,
+                    "model": "served-tiny",
+                    "api_key_env": "GEN_TEST_KEY",
+                    "max_retries": 3,
+                    "concurrency": 2,
+                    "timeout_seconds": 5,
+                },
+                temperature=0.8,
+                max_new_tokens=12,
+                batch_size=4,
+            ),
+            actor_id=None,
+        )
+        db.commit()
+        job_id, done_prompt = job.id, done.prompt_id
+        assert "sk-secret" not in json.dumps(job.config)
+    assert (
+        run_worker(
+            settings, "gen-worker", once=True, database=database, install_signals=False, **FAST
+        )
+        == 1
+    )
+    with database.session() as db:
+        finished = db.get_one(Job, job_id)
+        assert finished.state is JobState.succeeded, finished.error
+        assert (
+            finished.result["tasks_created"] == 6
+            and finished.result["duplicates_resampled"] == 5 + 2
+        )
+        made = db.scalars(
+            select(Completion)
+            .where(Completion.source == CompletionSource.model)
+            .order_by(Completion.id)
+        ).all()
+        assert len(made) == 18
+        assert all(c.model_version_id is None for c in made)
+        params = made[0].generation_params
+        assert params["backend"] == "openai" and params["model"] == "served-tiny"
+        assert params["base_url"] == vllm.base_url and params["api"] == "chat"
+        assert "sk-secret" not in json.dumps(params)
+        judged = db.scalars(
+            select(Completion.text).where(Completion.prompt_id == done_prompt)
+        ).all()
+        assert judged.count("dup") == 1  # the stored "dup" is never sampled again
+        latest = job_service.latest_metrics(db, job_id)
+        assert "generate/duplicates_resampled" in latest
+    assert all(r["auth"] == "Bearer sk-secret" for r in vllm.requests)
+    assert len(vllm.requests) > 6  # the 500 and the 429 were retried
+
+
+def test_a_missing_api_key_variable_fails_the_job_clearly(live, monkeypatch):
+    database, settings = live
+    monkeypatch.delenv("GEN_MISSING_KEY", raising=False)
+    with database.session() as db:
+        seed_campaign(db, "gen-nokey")
+        job = registry.queue_generation(
+            db,
+            GenerateJobSpec(
+                campaign="gen-nokey",
+                endpoint={
+                    "base_url": "http://127.0.0.1:9/v1",
+                    "model": "m",
+                    "api_key_env": "GEN_MISSING_KEY",
+                },
+            ),
+            actor_id=None,
+        )
+        job.max_attempts = 1
+        db.commit()
+        job_id = job.id
+    run_worker(settings, "gen-worker", once=True, database=database, install_signals=False, **FAST)
+    with database.session() as db:
+        failed = db.get_one(Job, job_id)
+        assert failed.state is JobState.dead and "GEN_MISSING_KEY is not set" in failed.error

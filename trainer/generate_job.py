@@ -1,0 +1,330 @@
+"""The `generate` job: a policy samples K completions for each prompt of a campaign that lacks
+them, and each prompt's K become a task for the labelers.
+
+    prefloop generate --campaign helpful --model 3 --temperature 0.8   # queue it
+    prefloop worker --once                                             # run it
+
+1. Which prompts: those of the campaign with no open task and fewer than K completions from
+   this generator (`app.jobs.registry.due_prompts`), oldest first, at most `max_prompts`.
+   The first attempt writes the list to the job's checkpoint folder; a later attempt takes
+   the same list and skips the prompts an earlier one already wrote.
+2. Sample in batches of `batch_size` prompts, with a local Hugging Face model
+   (`trainer.generate.HFSampler`: left padding, KV cache, chat template, EOS) or an
+   OpenAI-compatible endpoint (`trainer.openai_client`). Completions whose content hash
+   repeats another of the prompt's (new, or stored before) are dropped and sampled again,
+   up to `resample_rounds` times; a prompt still short of K distinct completions gets no
+   task (it stays due, and is counted in the result).
+3. Each batch is written in one transaction that first checks this attempt still holds the
+   job (the row locked): completions with source `model`, the model version, and how they
+   were sampled (`generation_params`), then one task per prompt with the campaign's overlap.
+   A stopped job keeps the batches it wrote; a worker that lost its lease writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from app.campaigns import service as campaigns
+from app.jobs import registry
+from app.jobs.models import Job, JobState, ModelVersion
+from app.jobs.specs import GenerateJobSpec, parse_generate_spec
+from trainer.generate import HFSampler, Prompt, Sampler, sample_distinct
+from trainer.openai_client import OpenAIClient
+
+PROMPTS_FILE = "prompts.json"
+
+
+def model_location(data_dir: Path, path: str) -> str:
+    """A model version's files: a folder (absolute, or under PREFLOOP_DATA_DIR), or else the
+    path itself as a hub id."""
+    local = Path(data_dir) / path  # an absolute path stays itself
+    return str(local) if local.is_dir() else path
+
+
+def seed_for(spec: GenerateJobSpec, batch: int, round_number: int, index: int = 0) -> int:
+    """A different seed for every batch, re-sampling round and prompt, fixed by the job's seed:
+    a re-sampled round must not draw the same samples again."""
+    return (spec.seed * 1_000_003 + batch * 10_007 + round_number * 101 + index) % 2**31
+
+
+class Backend:
+    """One way of sampling: make_sampler(batch) -> Sampler, and what each completion records."""
+
+    params: dict[str, Any]
+
+    def make_sampler(self, batch: int) -> Sampler:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+
+class LocalBackend(Backend):
+    def __init__(self, spec: GenerateJobSpec, location: str, device: str) -> None:
+        self.spec = spec
+        self.sampler = HFSampler(location, device, max_prompt_tokens=spec.max_prompt_tokens)
+        self.params = {
+            "path": location,
+            "chat_template": self.sampler.chat_template,
+            "dtype": "bfloat16" if self.sampler.bf16 else "float32",
+        }
+
+    def make_sampler(self, batch: int) -> Sampler:
+        spec = self.spec
+
+        def sample(prompts: Sequence[Prompt], n: int, round_number: int) -> Any:
+            return self.sampler.sample(
+                prompts,
+                n,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                max_new_tokens=spec.max_new_tokens,
+                seed=seed_for(spec, batch, round_number),
+            )
+
+        return sample
+
+
+class EndpointBackend(Backend):
+    def __init__(self, spec: GenerateJobSpec, log: Any) -> None:
+        endpoint = spec.endpoint
+        assert endpoint is not None
+        key = None
+        if endpoint.api_key_env:
+            key = os.environ.get(endpoint.api_key_env)
+            if not key:
+                raise ValueError(
+                    f"endpoint.api_key_env: the variable {endpoint.api_key_env} is not set "
+                    "on this worker"
+                )
+        self.spec = spec
+        self.client = OpenAIClient(
+            endpoint.base_url,
+            endpoint.model,
+            api=endpoint.api,
+            api_key=key,
+            timeout=endpoint.timeout_seconds,
+            max_retries=endpoint.max_retries,
+            log=log.warning,
+        )
+        self.pool = ThreadPoolExecutor(max_workers=endpoint.concurrency)
+        self.params = {"api": endpoint.api}
+
+    def make_sampler(self, batch: int) -> Sampler:
+        spec = self.spec
+
+        def sample(prompts: Sequence[Prompt], n: int, round_number: int) -> Any:
+            futures = [
+                self.pool.submit(
+                    self.client.sample,
+                    prompt,
+                    n,
+                    temperature=spec.temperature,
+                    top_p=spec.top_p,
+                    max_tokens=spec.max_new_tokens,
+                    seed=seed_for(spec, batch, round_number, index),
+                )
+                for index, prompt in enumerate(prompts)
+            ]
+            return [future.result() for future in futures]
+
+        return sample
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.client.close()
+
+
+def _held(db: Any, ctx: Any) -> bool:
+    """Lock the job row if this attempt still holds it (else another worker took it over)."""
+    found = db.scalar(
+        select(Job.id)
+        .where(
+            Job.id == ctx.job_id,
+            Job.worker_id == ctx.worker_id,
+            Job.attempt == ctx.attempt,
+            Job.state == JobState.running,
+        )
+        .with_for_update()
+    )
+    return found is not None
+
+
+def plan(ctx: Any, spec: GenerateJobSpec) -> tuple[list[int], int]:
+    """The prompts this job samples for (fixed by its first attempt) that are still due, and
+    how many the plan held in all."""
+    mark = Path(ctx.checkpoint_dir) / PROMPTS_FILE
+    with ctx.database.session() as db:
+        campaign = campaigns.get_by_slug(db, spec.campaign)
+        if campaign is None:
+            raise ValueError(f"there is no campaign '{spec.campaign}'")
+        if mark.is_file():
+            planned = json.loads(mark.read_text())
+            due = set(
+                registry.due_prompts(db, campaign, spec.model_copy(update={"max_prompts": None}))
+            )
+            return [pid for pid in planned if pid in due], len(planned)
+        planned = registry.due_prompts(db, campaign, spec)
+    Path(ctx.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    mark.write_text(json.dumps(planned))
+    return planned, len(planned)
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    """The worker's entry point for `generate` jobs (ctx: trainer.worker.JobContext)."""
+    spec = parse_generate_spec(ctx.config)
+    ctx.report(0.0, "finding the prompts that lack completions")
+    todo, planned = plan(ctx, spec)
+    with ctx.database.session() as db:
+        campaign = campaigns.get_by_slug(db, spec.campaign)
+        assert campaign is not None
+        k = registry.per_task(campaign)
+        location = None
+        if spec.model_id is not None:
+            model = db.get(ModelVersion, spec.model_id)
+            if model is None:
+                raise ValueError(f"there is no model version {spec.model_id}")
+            location = model_location(ctx.settings.data_dir, model.path)
+        db.expunge(campaign)
+    ctx.log.info(
+        "%s prompt(s) planned, %s still to sample, K = %s, %s",
+        planned,
+        len(todo),
+        k,
+        f"model {location}" if location else f"endpoint {spec.endpoint.base_url}",
+    )
+    totals = {"tasks_created": 0, "completions": 0, "sampled": 0, "duplicates_resampled": 0}
+    short: list[int] = []
+    if not todo:
+        ctx.report(1.0, "no prompt lacks completions")
+        return _result(spec, planned, 0, totals, short, 0.0)
+    ctx.report(0.01, f"loading {'the model' if location else 'the endpoint client'}")
+    backend: Backend = (
+        LocalBackend(spec, location, ctx.device) if location else EndpointBackend(spec, ctx.log)
+    )
+    params = {
+        **registry.generator_key(spec),
+        **spec.sampling(),
+        **backend.params,
+        "job_id": ctx.job_id,
+    }
+    done = planned - len(todo)
+    first_step = done // spec.batch_size  # a resumed job's steps carry on from the last one's
+    seconds = 0.0
+    try:
+        for batch_number, start in enumerate(range(0, len(todo), spec.batch_size)):
+            ctx.check_stop()
+            batch = todo[start : start + spec.batch_size]
+            with ctx.database.session() as db:
+                contents = registry.prompt_contents(db, batch)
+                existing = registry.existing_hashes(db, batch)
+            batch = [pid for pid in batch if pid in contents]
+            prompts = [contents[pid] for pid in batch]
+            step = first_step + batch_number + 1
+            began = time.perf_counter()
+            found = sample_distinct(
+                backend.make_sampler(step),
+                prompts,
+                k,
+                existing=[existing[pid] for pid in batch],
+                max_rounds=spec.resample_rounds,
+            )
+            seconds += time.perf_counter() - began
+            ctx.check_stop()  # a stopped job does not write a batch sampled after the stop
+            written = _write(ctx, spec, campaign, batch, found.completions, k, params)
+            totals["tasks_created"] += written
+            totals["completions"] += written * k
+            totals["sampled"] += found.sampled
+            totals["duplicates_resampled"] += found.duplicates
+            short += [batch[i] for i in found.short]
+            done += len(batch)
+            rate = found.sampled / found.seconds if found.seconds else 0.0
+            ctx.metrics(
+                step,
+                {
+                    "generate/completions_per_second": rate,
+                    "generate/duplicates_resampled": totals["duplicates_resampled"],
+                    "generate/tasks_created": totals["tasks_created"],
+                    "generate/short_prompts": len(short),
+                },
+            )
+            ctx.report(
+                0.02 + 0.98 * done / planned,
+                f"{done} of {planned} prompts, {totals['tasks_created']} tasks, "
+                f"{rate:.1f} completions/s",
+            )
+            ctx.log.info(
+                "batch %s: %s prompts, %s sampled, %s duplicates re-sampled, %s short, %.2f s",
+                step,
+                len(batch),
+                found.sampled,
+                found.duplicates,
+                len(found.short),
+                found.seconds,
+            )
+    finally:
+        backend.close()
+    ctx.report(1.0, "done")
+    return _result(spec, planned, done, totals, short, seconds)
+
+
+def _write(
+    ctx: Any,
+    spec: GenerateJobSpec,
+    campaign: Any,
+    batch: list[int],
+    completions: list[list[tuple[str, str]]],
+    k: int,
+    params: dict[str, Any],
+) -> int:
+    """One batch's completions and tasks, in one fenced transaction; how many tasks."""
+    written = 0
+    with ctx.database.session() as db:
+        if not _held(db, ctx):
+            raise RuntimeError("this attempt no longer holds the job; nothing written")
+        for prompt_id, group in zip(batch, completions, strict=True):
+            if len(group) < k:
+                continue
+            registry.add_generated_task(
+                db,
+                campaign=campaign,
+                prompt_id=prompt_id,
+                texts=[text for text, _ in group],
+                params=[{**params, "finish_reason": reason} for _, reason in group],
+                model_version_id=spec.model_id,
+                priority=spec.task_priority,
+            )
+            written += 1
+        db.commit()
+    return written
+
+
+def _result(
+    spec: GenerateJobSpec,
+    planned: int,
+    done: int,
+    totals: dict[str, int],
+    short: list[int],
+    seconds: float,
+) -> dict[str, Any]:
+    return {
+        "campaign": spec.campaign,
+        "model_id": spec.model_id,
+        "endpoint": spec.endpoint.model_dump(include={"base_url", "model", "api"})
+        if spec.endpoint
+        else None,
+        "prompts_planned": planned,
+        "prompts_done": done,
+        **totals,
+        "short_prompts": short[:100],
+        "short_prompt_count": len(short),
+        "completions_per_second": round(totals["sampled"] / seconds, 3) if seconds else 0.0,
+    }
