@@ -1,0 +1,385 @@
+"""PPO end to end on a one-layer Llama built from config (no hub), with a programmatic reward.
+
+The reward: 1 when the response contains the word "sunny", else 0. A random policy over ~25
+words says it in about a quarter of 8-token responses; PPO should make it say it nearly
+always, at a KL from the start that the adaptive controller keeps under its target on average.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.tiny_models import causal_lm, reward_model, tokenizer_for  # noqa: E402
+from trainer.ppo import (  # noqa: E402
+    CHECKPOINT_DIR,
+    META_FILE,
+    PPOConfig,
+    _left_pad,
+    _prompt_indices,
+    _response_mask,
+    encode_prompt,
+    response_logprobs,
+    reward_model_function,
+    train,
+)
+from trainer.reward import META_FILE as REWARD_META  # noqa: E402
+from trainer.reward import RewardScorer  # noqa: E402
+
+FILLER = ["rain", "cloud", "wind", "cold", "grey", "fog", "storm", "hail", "mist", "wet", "dark"]
+TARGET = "sunny"
+PROMPTS = [f"tell me about the weather topic{i}" for i in range(7)]
+
+
+def vocabulary() -> list[str]:
+    return [*FILLER, TARGET, "tell me about the weather please", *(f"topic{i}" for i in range(7))]
+
+
+def says_sunny(prompts: list, responses: list[str]) -> torch.Tensor:
+    return torch.tensor([float(TARGET in r.split()) for r in responses])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models: threads only contend (2 shared cores); results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("policy")
+    tokenizer = tokenizer_for(vocabulary())
+    causal_lm(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reward model on the policy's tokenizer, with normalization stats as training writes."""
+    path = tmp_path_factory.mktemp("reward")
+    tokenizer = tokenizer_for(vocabulary())
+    reward_model(tokenizer, seed=3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    meta = {"config": {"max_length": 64}, "normalization": {"mean": 0.5, "std": 2.0}}
+    (path / REWARD_META).write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_reward_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reward model whose tokenizer numbers the words differently from the policy's."""
+    path = tmp_path_factory.mktemp("other-reward")
+    tokenizer = tokenizer_for([*reversed(vocabulary()), "extra words here"])
+    reward_model(tokenizer, seed=4).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    meta = {"config": {"max_length": 64}, "normalization": {"mean": -1.0, "std": 0.5}}
+    (path / REWARD_META).write_text(json.dumps(meta))
+    return path
+
+
+def config(policy: Path, **overrides: object) -> PPOConfig:
+    settings: dict[str, object] = {
+        "policy": str(policy),
+        "value_init": "policy",
+        "rollout_batch_size": 32,
+        "minibatch_size": 16,
+        "ppo_epochs": 2,
+        "learning_rate": 1e-2,
+        "lr_schedule": "constant",
+        "max_new_tokens": 8,
+        "temperature": 1.0,
+        "vf_coef": 0.5,
+        "kl_coef": 0.2,
+        "adaptive_kl": True,
+        "kl_target": 6.0,  # nats per response, Ziegler et al.'s value
+        "kl_horizon": 50,
+        "total_steps": 25,
+        "seed": 0,
+    }
+    return PPOConfig(**(settings | overrides))
+
+
+def series(history: list[tuple[int, str, float]], name: str) -> list[float]:
+    return [value for _, n, value in history if n == name]
+
+
+def test_ppo_raises_the_reward_and_keeps_kl_under_its_target(
+    policy_dir: Path, tmp_path: Path
+) -> None:
+    seen: list[tuple[int, str, float]] = []
+    progress: list[float] = []
+    cfg = config(policy_dir)
+    result = train(
+        cfg,
+        PROMPTS,
+        tmp_path / "out",
+        reward_fn=says_sunny,
+        device="cpu",
+        on_metric=lambda step, name, value: seen.append((step, name, value)),
+        on_progress=lambda fraction, message: progress.append(fraction),
+    )
+    assert not result.stopped and result.steps == 25 and progress[-1] == 1.0
+    reward, kl, beta = (series(seen, n) for n in ("reward/raw", "kl/k1", "kl/beta"))
+    assert len(reward) == 25
+    start, end = sum(reward[:3]) / 3, sum(reward[-5:]) / 5
+    assert start < 0.4 and end > 0.8, (start, end)
+    assert kl[0] == pytest.approx(0.0, abs=1e-5)  # policy == reference before any update
+    # The controller steers the batch KL toward the target: on average under it, and never
+    # far over it on one batch.
+    assert sum(kl[-10:]) / 10 < cfg.kl_target, kl
+    assert max(kl) < 1.25 * cfg.kl_target, kl
+    assert beta[-1] < beta[0]  # the KL stayed under target, so the controller eased off
+    assert series(seen, "reward/normalized") == reward  # a plain function is not rescaled
+    names = {name for _, name, _ in seen}
+    for name in (
+        "policy/entropy",
+        "policy/clip_frac",
+        "policy/approx_kl",
+        "value/loss",
+        "value/explained_variance",
+        "response/length",
+        "response/eos_rate",
+        "response/length_reward_corr",
+        "time/generate",
+        "time/train",
+    ):
+        assert name in names, name
+    assert all(math.isfinite(v) for _, _, v in seen)
+    assert all(0 <= v <= 1 for v in series(seen, "response/eos_rate"))
+    assert all(1 <= v <= 8 for v in series(seen, "response/length"))
+
+    # The saved policy loads as a plain causal LM and says the word.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["config"]["kl_target"] == 6.0 and meta["steps"] == 25
+    assert meta["metrics"]["reward/raw"] == reward[-1]
+    assert not (out / CHECKPOINT_DIR).exists()
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[0], 64, "\n\n")])
+    torch.manual_seed(1)
+    sampled = model.generate(ids, do_sample=True, max_new_tokens=8, num_return_sequences=16)
+    texts = tokenizer.batch_decode(sampled[:, ids.shape[1] :], skip_special_tokens=True)
+    assert sum(TARGET in t.split() for t in texts) >= 10
+
+
+def test_stop_and_resume_match_an_uninterrupted_run(policy_dir: Path, tmp_path: Path) -> None:
+    cfg = config(policy_dir, total_steps=6, rollout_batch_size=8, minibatch_size=4)
+    whole = train(cfg, PROMPTS, tmp_path / "whole", reward_fn=says_sunny, device="cpu")
+
+    asked = {"n": 0}
+
+    def stop_before_step_four() -> bool:
+        asked["n"] += 1
+        return asked["n"] == 4
+
+    first = train(
+        cfg,
+        PROMPTS,
+        tmp_path / "split",
+        reward_fn=says_sunny,
+        device="cpu",
+        should_stop=stop_before_step_four,
+    )
+    assert first.stopped and first.steps == 3
+    assert (tmp_path / "split" / CHECKPOINT_DIR / "state.pt").exists()
+    assert not (tmp_path / "split" / META_FILE).exists()
+    second = train(cfg, PROMPTS, tmp_path / "split", reward_fn=says_sunny, device="cpu")
+    assert not second.stopped and second.steps == 6
+
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    # Same rollouts, same beta (the controller's state was saved), same metrics history.
+    for name in ("reward/raw", "kl/k1", "kl/beta", "value/loss"):
+        assert series(second.history, name) == pytest.approx(series(whole.history, name))
+    # Another config does not resume this checkpoint.
+    train(
+        cfg,
+        PROMPTS,
+        tmp_path / "other",
+        reward_fn=says_sunny,
+        device="cpu",
+        should_stop=lambda: True,
+    )
+    with pytest.raises(ValueError, match="another config"):
+        train(
+            PPOConfig(**{**cfg.__dict__, "seed": 1}),
+            PROMPTS,
+            tmp_path / "other",
+            reward_fn=says_sunny,
+            device="cpu",
+        )
+
+
+def test_recomputed_logprobs_match_sampling_with_left_padding(policy_dir: Path) -> None:
+    """The forward pass over left-padded prompt + response gives the log-probs of the
+    distribution generate sampled from (KV cache, temperature 0.7)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    prompts = ["weather", "tell me about the weather topic1 please rain rain", "fog"]
+    query, mask = _left_pad([encode_prompt(tokenizer, p, 64, "\n\n") for p in prompts], 1)
+    P = query.shape[1]
+    torch.manual_seed(0)
+    out = model.generate(
+        input_ids=query,
+        attention_mask=mask,
+        generation_config=GenerationConfig(
+            do_sample=True,
+            temperature=0.7,
+            top_k=0,
+            max_new_tokens=6,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    response = out.sequences[:, P:]
+    response_mask, _ = _response_mask(response, tokenizer.eos_token_id)
+    sampled = torch.log_softmax(torch.stack(out.scores, dim=1), dim=-1)  # (B, R, V)
+    sampled = sampled.gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(
+            model, out.sequences, torch.cat([mask, response_mask], 1), P, temperature=0.7
+        )
+    real = response_mask.bool()
+    torch.testing.assert_close(logprobs[real], sampled[real], atol=1e-4, rtol=0)
+
+
+def test_response_mask_ends_at_the_first_eos() -> None:
+    eos = 2
+    response = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8], [2, 1, 1, 1]])
+    mask, contains = _response_mask(response, eos)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert contains.tolist() == [True, False, True]
+
+
+def test_prompt_order_is_a_seeded_shuffle_per_pass() -> None:
+    first_pass = _prompt_indices(7, 0, 7, seed=3)
+    assert sorted(first_pass) == list(range(7))
+    assert _prompt_indices(7, 0, 7, seed=3) == first_pass  # depends on nothing but its inputs
+    # step 1 with batch 4 covers positions 4..7: the end of pass 0 and the start of pass 1
+    assert _prompt_indices(7, 1, 4, seed=3)[:3] == first_pass[4:]
+
+
+def test_encode_prompt_uses_the_chat_template_and_keeps_the_end(policy_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    ids = encode_prompt(tokenizer, "tell me about the weather", 64, "\n\n")
+    assert tokenizer.decode(ids) == "<user> tell me about the weather <eos> <assistant>"
+    short = encode_prompt(tokenizer, "tell me about the weather", 3, "\n\n")
+    assert short == ids[-3:]
+    chat = [{"role": "user", "content": "rain"}, {"role": "assistant", "content": "fog"}]
+    assert tokenizer.decode(encode_prompt(tokenizer, chat, 64, "")).endswith(
+        "fog <eos> <assistant>"
+    )
+
+
+def test_reward_model_function_retokenizes_and_normalizes(other_reward_dir: Path) -> None:
+    fn = reward_model_function(other_reward_dir, "cpu")
+    scorer = RewardScorer(other_reward_dir, "cpu")
+    prompts = ["tell me about the weather", [{"role": "user", "content": "weather please"}]]
+    responses = ["sunny rain", "fog fog cold"]
+    raw = [scorer.score(p, [r])[0] for p, r in zip(prompts, responses, strict=True)]
+    expected = torch.tensor([(r + 1.0) / 0.5 for r in raw])
+    torch.testing.assert_close(fn(prompts, responses), expected, atol=1e-5, rtol=0)
+    plain = reward_model_function(other_reward_dir, "cpu", normalize=False)
+    torch.testing.assert_close(plain(prompts, responses), torch.tensor(raw), atol=1e-5, rtol=0)
+
+
+def test_reward_model_and_value_from_reward(
+    policy_dir: Path, reward_dir: Path, other_reward_dir: Path, tmp_path: Path
+) -> None:
+    cfg = config(
+        policy_dir,
+        reward_model=str(reward_dir),
+        value_init="reward",
+        total_steps=2,
+        rollout_batch_size=8,
+        minibatch_size=8,
+        missing_eos_penalty=1.0,
+    )
+    result = train(cfg, PROMPTS, tmp_path / "rm", device="cpu")
+    assert result.steps == 2
+    raw, normalized = (
+        series(result.history, "reward/raw"),
+        series(result.history, "reward/normalized"),
+    )
+    eos_rate = series(result.history, "response/eos_rate")
+    # normalized = (raw - 0.5) / 2, then minus 1 for each response without EOS
+    for r, n, e in zip(raw, normalized, eos_rate, strict=True):
+        assert n == pytest.approx((r - 0.5) / 2 - (1 - e), abs=1e-5)
+    # The value model reads the policy's tokens: a reward model with another vocabulary fails.
+    bad = config(policy_dir, reward_model=str(other_reward_dir), value_init="reward")
+    with pytest.raises(ValueError, match="tokenizer"):
+        train(bad, PROMPTS, tmp_path / "bad", device="cpu")
+
+
+def test_lora_policy_uses_the_adapter_free_model_as_reference(
+    policy_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("peft", reason="peft is optional: LoRA is tested where it is installed")
+    cfg = config(
+        policy_dir, use_lora=True, lora_r=4, total_steps=3, rollout_batch_size=8, minibatch_size=4
+    )
+    result = train(cfg, PROMPTS, tmp_path / "lora", reward_fn=says_sunny, device="cpu")
+    kl = series(result.history, "kl/k1")
+    assert kl[0] == pytest.approx(0.0, abs=1e-5) and kl[-1] > 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "lora")  # merged: a plain model
+
+
+def test_config_fields_document_themselves_and_validate(tmp_path: Path) -> None:
+    for f in fields(PPOConfig):
+        assert f.metadata.get("help"), f.name
+    with pytest.raises(ValueError, match="value_init"):
+        PPOConfig(policy="p", value_init="critic")
+    with pytest.raises(ValueError, match="minibatch_size"):
+        PPOConfig(policy="p", rollout_batch_size=4, minibatch_size=8)
+    with pytest.raises(ValueError, match="reward_fn"):
+        train(PPOConfig(policy="p", value_init="policy"), PROMPTS, tmp_path, device="cpu")
+
+
+def test_accumulation_and_checkpointing_give_the_same_update(
+    policy_dir: Path, tmp_path: Path
+) -> None:
+    """micro_batch_size splits a minibatch into accumulated passes and gradient
+    checkpointing recomputes activations: neither changes what one step learns."""
+    from safetensors.torch import load_file
+
+    cfg = config(policy_dir, total_steps=1, rollout_batch_size=8, minibatch_size=8)
+    train(cfg, PROMPTS, tmp_path / "plain", reward_fn=says_sunny, device="cpu")
+    other = config(
+        policy_dir,
+        total_steps=1,
+        rollout_batch_size=8,
+        minibatch_size=8,
+        micro_batch_size=2,
+        gradient_checkpointing=True,
+    )
+    train(other, PROMPTS, tmp_path / "micro", reward_fn=says_sunny, device="cpu")
+    a = load_file(tmp_path / "plain" / "model.safetensors")
+    b = load_file(tmp_path / "micro" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
