@@ -220,9 +220,15 @@ NAVIGATION: dict[Role, list[tuple[str, str]]] = {
         ("Users", "/admin/users"),
         ("Research", "/research"),
         ("Jobs", "/jobs"),
+        ("Models", "/models"),
         ("API tokens", "/tokens"),
     ],
-    Role.researcher: [("Research", "/research"), ("Jobs", "/jobs"), ("API tokens", "/tokens")],
+    Role.researcher: [
+        ("Research", "/research"),
+        ("Jobs", "/jobs"),
+        ("Models", "/models"),
+        ("API tokens", "/tokens"),
+    ],
 }
 
 

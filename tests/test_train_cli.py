@@ -6,6 +6,7 @@ one line and a non-zero exit."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from app.db import Database
@@ -81,13 +82,15 @@ def test_train_then_evaluate_a_reward_model_from_the_command_line(
         cwd=tmp_path,
     )
     assert queued.returncode == 0, queued.stderr
-    assert queued.stdout.startswith("queued job 1 ")
+    match = re.match(r"queued job (\d+) \(train_reward on cli-reward\)", queued.stdout)
+    assert match, queued.stdout
+    job_id = match.group(1)
 
     worker = run_cli(
         "worker", "--once", "--poll-seconds", "0.1", env=env, cwd=tmp_path, timeout=300
     )
     assert worker.returncode == 0, worker.stderr
-    shown = run_cli("job", "show", "1", env=env, cwd=tmp_path)
+    shown = run_cli("job", "show", job_id, env=env, cwd=tmp_path)
     assert "succeeded" in shown.stdout, shown.stdout + shown.stderr
 
     # TRL rows in the campaign's vocabulary, and real HH-RLHF dialogues
@@ -125,20 +128,28 @@ def test_train_then_evaluate_a_reward_model_from_the_command_line(
             figures["pairs"] == pairs and 0 <= figures["accuracy"] <= 1 and 0 <= figures["ece"] <= 1
         )
     text = run_cli(
-        "reward", "eval", "--model", "1", "--data", str(trl), env=env, cwd=tmp_path, timeout=120
+        "reward",
+        "eval",
+        "--model",
+        "cli-rm",
+        "--data",
+        str(trl),
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert text.returncode == 0 and "pair accuracy" in text.stdout and "30 pairs" in text.stdout
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text(trl.read_text().splitlines()[0] + "\n{not json\n")
     refused = run_cli(
-        "reward", "eval", "--model", "1", "--data", str(broken), env=env, cwd=tmp_path
+        "reward", "eval", "--model", "cli-rm", "--data", str(broken), env=env, cwd=tmp_path
     )
     assert refused.returncode == 2 and "line 2" in refused.stderr
     prompts_only = tmp_path / "prompts.jsonl"
     prompts_only.write_text(json.dumps({"prompt": "hi", "completions": ["a", "b"]}) + "\n")
     refused = run_cli(
-        "reward", "eval", "--model", "1", "--data", str(prompts_only), env=env, cwd=tmp_path
+        "reward", "eval", "--model", "cli-rm", "--data", str(prompts_only), env=env, cwd=tmp_path
     )
     assert refused.returncode == 2 and "not a preference pair" in refused.stderr
     missing = run_cli(
