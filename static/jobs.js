@@ -14,11 +14,26 @@
   ];
   var COLORS = ["#3355dd", "#1f7a4d", "#a86a00", "#b3261e", "#6b4fbb", "#00838f"];
 
+  // PPO and generation metrics are charted by their prefix (reward/, kl/, policy/, ...).
+  var PREFIX_TITLES = {
+    reward: "Reward", kl: "KL and beta", policy: "Policy", value: "Value", response: "Responses",
+    time: "Seconds per step, by phase", tokens: "Tokens", generate: "Generation",
+    train: "Training", eval: "Evaluation", gold: "Gold tasks",
+  };
+
   function groupOf(name) {
     for (var i = 0; i < GROUPS.length; i++) {
       if (GROUPS[i][2].indexOf(name) >= 0) return GROUPS[i][0];
     }
-    return "other";
+    return "p:" + name.split("/")[0];
+  }
+
+  function titleOf(group) {
+    for (var i = 0; i < GROUPS.length; i++) {
+      if (GROUPS[i][0] === group) return GROUPS[i][1];
+    }
+    var prefix = group.slice(2);
+    return PREFIX_TITLES[prefix] || prefix;
   }
 
   function start(root) {
@@ -62,8 +77,7 @@
 
     function add(name, points) {
       var group = groupOf(name);
-      var title = group === "other" ? "Other metrics" : GROUPS.filter(function (g) { return g[0] === group; })[0][1];
-      var chart = chartFor(group, title);
+      var chart = chartFor(group, titleOf(group));
       var dataset = chart.data.datasets.filter(function (d) { return d.label === name; })[0];
       if (!dataset) {
         var color = COLORS[chart.data.datasets.length % COLORS.length];

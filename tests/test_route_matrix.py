@@ -86,6 +86,7 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("POST", "/jobs/{job_id}/retry"): {RESEARCHER, ADMIN},
     ("GET", "/models/{model_id}"): {RESEARCHER, ADMIN},
     ("POST", "/models/{model_id}/score"): {RESEARCHER, ADMIN},
+    ("POST", "/models/{model_id}/generate"): {RESEARCHER, ADMIN},
     ("POST", "/api/v1/models/{model_id}/score"): {RESEARCHER, ADMIN},
     ("POST", "/api/v1/jobs"): {RESEARCHER, ADMIN},
     ("GET", "/api/v1/jobs"): {RESEARCHER, ADMIN},

@@ -19,6 +19,7 @@ HANDLERS: dict[str, str] = {
     "train_reward": "trainer.reward_job:run",
     "score_reward": "trainer.reward_job:score",
     "generate": "trainer.generate_job:run",
+    "ppo": "trainer.ppo_job:run",
 }
 
 

@@ -15,9 +15,11 @@ from app.jobs import service as jobs
 from app.jobs.models import Job, JobState, ModelVersion
 from app.jobs.specs import (
     GENERATE,
+    PPO,
     SCORE_REWARD,
     SpecError,
     parse_generate_spec,
+    parse_ppo_spec,
     parse_reward_spec,
     parse_score_spec,
 )
@@ -35,7 +37,7 @@ class JobIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["train_reward", "score_reward", "generate"]
+    kind: Literal["train_reward", "score_reward", "generate", "ppo"]
     config: dict[str, Any]
     priority: int = Field(0, ge=-100, le=100)
 
@@ -82,6 +84,10 @@ def create_job(body: JobIn, db: DbSession, principal: CurrentPrincipal) -> dict[
         if body.kind == SCORE_REWARD:
             job = training.queue_scoring(
                 db, parse_score_spec(body.config), actor_id=principal.user.id
+            )
+        elif body.kind == PPO:
+            job = training.queue_ppo(
+                db, parse_ppo_spec(body.config), actor_id=principal.user.id, priority=body.priority
             )
         elif body.kind == GENERATE:
             job = registry.queue_generation(

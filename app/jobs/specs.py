@@ -251,3 +251,79 @@ def parse_generate_spec(raw: dict[str, Any]) -> GenerateJobSpec:
         return GenerateJobSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(_message(error)) from error
+
+
+PPO = "ppo"
+
+
+class PPOTraining(BaseModel):
+    """Hyperparameters of a PPO run (see `trainer.ppo.PPOConfig`; a test holds them equal)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value_init: Literal["reward", "policy"] = "reward"
+    normalize_reward: bool = True
+    use_lora: bool = False
+    lora_r: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1, le=4096)
+    lora_target_modules: str = Field("all-linear", max_length=500)
+    rollout_batch_size: int = Field(64, ge=1, le=65_536)
+    minibatch_size: int = Field(16, ge=1, le=65_536)
+    micro_batch_size: int | None = Field(None, ge=1, le=65_536)
+    forward_batch_size: int = Field(32, ge=1, le=65_536)
+    ppo_epochs: int = Field(4, ge=1, le=100)
+    learning_rate: float = Field(3e-6, gt=0, le=1)
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    adam_eps: float = Field(1e-5, gt=0, le=1)
+    max_prompt_length: int = Field(512, ge=8, le=131_072)
+    max_new_tokens: int = Field(128, ge=1, le=32_768)
+    temperature: float = Field(0.7, gt=0, le=5)
+    top_p: float = Field(1.0, gt=0, le=1)
+    separator: str = Field("\n\n", max_length=50)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_eps: float = Field(0.2, gt=0, le=10)
+    value_clip: float = Field(0.2, gt=0, le=1000)
+    vf_coef: float = Field(0.1, ge=0, le=100)
+    kl_coef: float = Field(0.05, ge=0, le=100)
+    adaptive_kl: bool = False
+    kl_target: float = Field(6.0, gt=0, le=1000)
+    kl_horizon: float = Field(10_000, gt=0)
+    missing_eos_penalty: float | None = Field(None, ge=0, le=1000)
+    whiten_rewards: bool = False
+    total_steps: int = Field(100, ge=1, le=1_000_000)
+    checkpoint_every: int = Field(10, ge=0, description="Checkpoint every N steps (resume).")
+    seed: int = 42
+    bf16: bool | None = None
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = Field(1.0, gt=0, le=1000)
+
+    @model_validator(mode="after")
+    def _batches(self) -> PPOTraining:
+        if self.minibatch_size > self.rollout_batch_size:
+            raise ValueError("minibatch_size is larger than rollout_batch_size")
+        return self
+
+
+class PPOJobSpec(BaseModel):
+    """A `ppo` job: optimise a policy version against a reward model version on the
+    campaigns' prompts, under a KL penalty toward the starting policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy_id: int = Field(ge=1, description="The policy model version to start from.")
+    reward_model_id: int = Field(ge=1, description="The reward model version to optimise.")
+    campaigns: list[str] = Field(min_length=1, description="Campaigns whose prompts are used.")
+    max_prompts: int | None = Field(None, ge=1, le=10_000_000)
+    kl_budget: float | None = Field(
+        None, gt=0, description="Warn on the job's page when the KL passes this (nats)."
+    )
+    name: str | None = Field(None, max_length=200)
+    training: PPOTraining = Field(default_factory=PPOTraining)
+
+
+def parse_ppo_spec(raw: dict[str, Any]) -> PPOJobSpec:
+    try:
+        return PPOJobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_message(error)) from error

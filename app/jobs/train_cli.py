@@ -115,6 +115,96 @@ def train_reward(
         database.dispose()
 
 
+@train_cli.command("ppo")
+def train_ppo(
+    policy: Annotated[str, typer.Option("--policy", help="Policy model version id or name.")],
+    reward_model: Annotated[
+        str, typer.Option("--reward-model", help="Reward model version id or name.")
+    ],
+    campaign: Annotated[
+        list[str], typer.Option("--campaign", help="Campaign whose prompts are used; repeatable.")
+    ],
+    name: Annotated[str | None, typer.Option(help="The new policy version's name.")] = None,
+    max_prompts: Annotated[int | None, typer.Option(help="Use at most this many prompts.")] = None,
+    steps: Annotated[int, typer.Option(help="PPO steps (rollout + updates).")] = 100,
+    rollout_batch_size: Annotated[int, typer.Option(help="Responses per step.")] = 64,
+    minibatch_size: Annotated[int, typer.Option(help="Responses per optimizer step.")] = 16,
+    ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout.")] = 4,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-6,
+    max_new_tokens: Annotated[int, typer.Option(help="Response length cap.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    kl_coef: Annotated[float, typer.Option(help="beta, the KL penalty (initial if adaptive).")] = (
+        0.05
+    ),
+    adaptive_kl: Annotated[
+        bool, typer.Option("--adaptive-kl", help="Steer beta toward --kl-target.")
+    ] = False,
+    kl_target: Annotated[float, typer.Option(help="Target KL per response (nats).")] = 6.0,
+    kl_budget: Annotated[
+        float | None, typer.Option(help="Warn on the job page when KL passes this.")
+    ] = None,
+    missing_eos_penalty: Annotated[
+        float | None, typer.Option(help="Subtracted from responses without EOS.")
+    ] = None,
+    value_init: Annotated[str, typer.Option(help="reward or policy.")] = "reward",
+    use_lora: Annotated[bool, typer.Option("--use-lora", help="LoRA adapters (peft).")] = False,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
+    ] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 42,
+    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+) -> None:
+    """Queue PPO: optimise a policy version against a reward model version; a worker runs it."""
+    from app.jobs.specs import parse_ppo_spec
+
+    settings = load_settings()
+    database = open_database(settings)
+    try:
+        with database.session() as db:
+            found = {}
+            for label, ref in (("--policy", policy), ("--reward-model", reward_model)):
+                version = training.get_model(db, ref)
+                if version is None:
+                    fail(f"{label}: no model version '{ref}' (see prefloop model list)", 1)
+                found[label] = version.id
+            raw = {
+                "policy_id": found["--policy"],
+                "reward_model_id": found["--reward-model"],
+                "campaigns": campaign,
+                "name": name,
+                "max_prompts": max_prompts,
+                "kl_budget": kl_budget,
+                "training": {
+                    "total_steps": steps,
+                    "rollout_batch_size": rollout_batch_size,
+                    "minibatch_size": minibatch_size,
+                    "ppo_epochs": ppo_epochs,
+                    "learning_rate": learning_rate,
+                    "max_new_tokens": max_new_tokens,
+                    "temperature": temperature,
+                    "kl_coef": kl_coef,
+                    "adaptive_kl": adaptive_kl,
+                    "kl_target": kl_target,
+                    "missing_eos_penalty": missing_eos_penalty,
+                    "value_init": value_init,
+                    "use_lora": use_lora,
+                    "gradient_checkpointing": gradient_checkpointing,
+                    "checkpoint_every": checkpoint_every,
+                    "seed": seed,
+                },
+            }
+            try:
+                job = training.queue_ppo(db, parse_ppo_spec(raw), actor_id=None, priority=priority)
+            except SpecError as error:
+                fail(str(error), 2 if "there is no" not in str(error) else 1)
+            db.commit()
+            typer.echo(f"queued job {job.id} (ppo on {', '.join(campaign)})")
+            typer.echo(f"  run it with `prefloop worker`; follow it on /jobs/{job.id}")
+    finally:
+        database.dispose()
+
+
 def read_pairs(path: Path, *, skip_invalid: bool = False) -> tuple[list[tuple[Any, str, str]], int]:
     """(prompt, chosen, rejected) from a preference file in the import formats (HH-RLHF or
     TRL rows, JSON Lines or CSV, optionally gzipped), and how many lines were skipped. A bad

@@ -16,7 +16,15 @@ from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign
 from app.jobs import service as jobs
 from app.jobs.models import Job, JobMetric, ModelVersion
-from app.jobs.specs import SCORE_REWARD, TRAIN_REWARD, RewardJobSpec, ScoreJobSpec, SpecError
+from app.jobs.specs import (
+    PPO,
+    SCORE_REWARD,
+    TRAIN_REWARD,
+    PPOJobSpec,
+    RewardJobSpec,
+    ScoreJobSpec,
+    SpecError,
+)
 from app.labeling.models import Judgment, Task
 from app.quality import metrics as quality_metrics
 
@@ -77,6 +85,45 @@ def queue_scoring(db: Session, spec: ScoreJobSpec, *, actor_id: int | None) -> J
         entity_type="job",
         entity_id=job.id,
         after={"kind": job.kind, "model_id": model.id, "task_ids": spec.task_ids},
+    )
+    return job
+
+
+def queue_ppo(db: Session, spec: PPOJobSpec, *, actor_id: int | None, priority: int = 0) -> Job:
+    """Queue a `ppo` job; unknown campaigns or model versions of the wrong kind are
+    SpecError and queue nothing."""
+    found: list[Campaign] = []
+    for slug in spec.campaigns:
+        campaign = campaigns.get_by_slug(db, slug)
+        if campaign is None:
+            raise SpecError(f"campaigns: there is no campaign '{slug}'")
+        found.append(campaign)
+    policy = db.get(ModelVersion, spec.policy_id)
+    if policy is None or policy.kind.value != "policy":
+        raise SpecError(f"policy_id: there is no policy model version {spec.policy_id}")
+    reward = db.get(ModelVersion, spec.reward_model_id)
+    if reward is None or reward.kind.value != "reward":
+        raise SpecError(f"reward_model_id: there is no reward model version {spec.reward_model_id}")
+    job = jobs.enqueue(
+        db,
+        kind=PPO,
+        config=spec.model_dump(mode="json"),
+        campaign_id=found[0].id,
+        created_by_id=actor_id,
+        priority=priority,
+    )
+    audit.record(
+        db,
+        actor_id=actor_id,
+        action="job.create",
+        entity_type="job",
+        entity_id=job.id,
+        after={
+            "kind": job.kind,
+            "campaigns": spec.campaigns,
+            "policy_id": policy.id,
+            "reward_model_id": reward.id,
+        },
     )
     return job
 
@@ -243,3 +290,52 @@ def job_json(
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "models": [model_json(m) for m in models or []],
     }
+
+
+# --- PPO health ---------------------------------------------------------------------------------
+
+LENGTH_HACK_CORRELATION = 0.5  # reward ~ response length correlation that looks like verbosity
+LENGTH_HACK_GROWTH = 1.2  # responses this much longer than at the start
+WINDOW = 5  # steps averaged at each end of the run
+
+
+def _window_mean(points: list[tuple[int, float]], last: bool) -> float | None:
+    chosen = points[-WINDOW:] if last else points[:WINDOW]
+    return sum(v for _, v in chosen) / len(chosen) if chosen else None
+
+
+def ppo_warnings(series: dict[str, list[tuple[int, float]]], config: dict[str, Any]) -> list[str]:
+    """What a PPO run's metrics say is going wrong, in words for its page:
+
+    - the KL to the starting policy (mean over the last steps) is past its budget (the job's
+      `kl_budget`, else the adaptive controller's target);
+    - the reward rises with response length alone: reward and length correlate strongly
+      while responses grow, the verbosity that reward models are known to reward."""
+    warnings = []
+    training = config.get("training", {})
+    budget = config.get("kl_budget") or (
+        training.get("kl_target") if training.get("adaptive_kl") else None
+    )
+    kl = _window_mean(series.get("kl/k1", []), last=True)
+    if budget is not None and kl is not None and kl > budget:
+        warnings.append(
+            f"KL to the starting policy is {kl:.2f} nats over the last steps, past its budget "
+            f"of {budget:g}: the policy is drifting; lower the learning rate or raise beta."
+        )
+    correlation = _window_mean(series.get("response/length_reward_corr", []), last=True)
+    lengths = series.get("response/length", [])
+    start, end = _window_mean(lengths, last=False), _window_mean(lengths, last=True)
+    if (
+        correlation is not None
+        and correlation > LENGTH_HACK_CORRELATION
+        and start
+        and end is not None
+        and len(lengths) > WINDOW
+        and end > LENGTH_HACK_GROWTH * start
+    ):
+        warnings.append(
+            f"Reward rises with length: responses grew from {start:.0f} to {end:.0f} tokens "
+            f"and reward correlates {correlation:.2f} with length. The reward model may be "
+            "paying for verbosity; check samples before trusting the gain."
+        )
+    return warnings

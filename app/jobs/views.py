@@ -193,12 +193,17 @@ def detail_context(db: Any, job: Job) -> dict[str, Any]:
     models = training.models_of(db, [job.id]).get(job.id, [])
     names = training.usernames(db, {job.created_by_id} if job.created_by_id else set())
     latest = jobs.latest_metrics(db, job.id)
+    warnings: list[str] = []
+    if job.kind == "ppo":
+        series, _ = training.metric_series(db, job.id)
+        warnings = training.ppo_warnings(series, job.config or {})
     return {
         "job": job,
         "job_models": models,
         "creator": names.get(job.created_by_id or 0),
         "latest": latest,
         "active": job.state in ACTIVE,
+        "warnings": warnings,
     }
 
 
@@ -447,3 +452,32 @@ async def create_generate_job(
     raw = await request.form()
     form = {key: str(value).strip() for key, value in raw.items() if key != "csrf_token"}
     return await run_in_threadpool(_generate, request, db, principal, form)
+
+
+def _generate_now(request: Request, db: Any, principal: Any, model_id: int) -> Response:
+    model = api.model_or_404(db, model_id)
+    slug = campaign_slugs(db, {model.campaign_id} if model.campaign_id else set()).get(
+        model.campaign_id or 0
+    )
+    try:
+        if slug is None:
+            raise SpecError("this policy belongs to no campaign: use Generate completions")
+        spec = GenerateJobSpec(campaign=slug, model_id=model.id)
+        job = registry.queue_generation(db, spec, actor_id=principal.user.id)
+    except SpecError as error:
+        db.rollback()
+        flash(db, principal, f"Nothing was queued: {error}", "error")
+        db.commit()
+        return RedirectResponse(f"/models/{model_id}", status_code=303)
+    flash(db, principal, f"Job #{job.id} samples completions from {model.name} for {slug}.")
+    db.commit()
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+@router.post("/models/{model_id}/generate")
+def generate_now(
+    model_id: int, request: Request, db: DbSession, principal: CurrentPrincipal
+) -> Response:
+    """One click: a policy version samples completions for its campaign's prompts that lack
+    them, with the default sampling settings (the form at /generate has them all)."""
+    return _generate_now(request, db, principal, model_id)

@@ -1,0 +1,189 @@
+"""The `ppo` job: a registered policy and a reward model version become a queued job (API), a
+worker runs PPO on the campaign's prompts, and the new policy version comes back with its
+parent, its metrics on the job and a one-click generation from it. Also: the spec held equal
+to the trainer's config, and the page's warnings (KL past its budget, reward rising with
+length alone) on hand-made metric series."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.auth import service as auth_service
+from app.auth.models import Role
+from app.db import Database
+from app.jobs.models import Job, JobState, ModelKind, ModelVersion
+from app.jobs.specs import PPOJobSpec, PPOTraining, SpecError, parse_ppo_spec
+from app.jobs.training import ppo_warnings
+from app.main import create_app
+from tests.conftest import make_settings
+from tests.factories import make_campaign, make_task
+from tests.tiny_models import causal_lm, reward_model, tokenizer_for
+from trainer.ppo import PPOConfig
+from trainer.ppo_job import campaign_prompts, ppo_config
+from trainer.reward import META_FILE as REWARD_META
+from trainer.worker import run_worker
+
+WORDS = ["sunny", "rain", "cloud", "wind", "cold", "tell", "me", "about", "the", "weather"]
+FAST = {"lease_seconds": 30.0, "heartbeat_seconds": 0.3, "poll_interval": 0.05}
+
+
+def test_the_spec_mirrors_the_trainers_config():
+    trainer_fields = {f.name: f for f in dataclasses.fields(PPOConfig)}
+    assert set(trainer_fields) - set(PPOTraining.model_fields) == {"policy", "reward_model"}
+    job_defaults = {"checkpoint_every": 10}  # a job checkpoints, so a killed worker loses little
+    for name, field in PPOTraining.model_fields.items():
+        assert field.default == job_defaults.get(name, trainer_fields[name].default), name
+    spec = PPOJobSpec(policy_id=1, reward_model_id=2, campaigns=["x"])
+    assert ppo_config(spec, "/p", "/r").reward_model == "/r"
+    with pytest.raises(SpecError, match="minibatch_size"):
+        parse_ppo_spec(
+            {
+                "policy_id": 1,
+                "reward_model_id": 2,
+                "campaigns": ["x"],
+                "training": {"rollout_batch_size": 4, "minibatch_size": 8},
+            }
+        )
+
+
+def steps(values: list[float]) -> list[tuple[int, float]]:
+    return [(i + 1, v) for i, v in enumerate(values)]
+
+
+def test_warnings_for_kl_past_budget_and_length_hacking():
+    calm = {
+        "kl/k1": steps([0.1, 0.5, 1.0, 1.2, 1.1, 1.0, 0.9]),
+        "response/length": steps([20] * 7),
+        "response/length_reward_corr": steps([0.9] * 7),  # correlated, but nothing grows
+    }
+    assert ppo_warnings(calm, {"kl_budget": 2.0}) == []
+    drifting = {**calm, "kl/k1": steps([1, 2, 4, 6, 8, 9, 10])}
+    [kl] = ppo_warnings(drifting, {"kl_budget": 2.0})
+    assert "past its budget of 2" in kl
+    # without a budget, the adaptive controller's target is the budget
+    assert ppo_warnings(drifting, {"training": {"adaptive_kl": True, "kl_target": 6}})
+    assert ppo_warnings(drifting, {"training": {"adaptive_kl": False, "kl_target": 6}}) == []
+    verbose = {
+        **calm,
+        "response/length": steps([10, 10, 11, 12, 14, 18, 22, 26, 30, 34]),
+        "response/length_reward_corr": steps([0.2, 0.4, 0.6, 0.7, 0.8, 0.8, 0.9, 0.9, 0.9, 0.9]),
+    }
+    [hack] = ppo_warnings(verbose, {})
+    assert "Reward rises with length" in hack and "0.88" in hack
+    honest = {**verbose, "response/length_reward_corr": steps([0.1] * 10)}
+    assert ppo_warnings(honest, {}) == []
+
+
+def test_campaign_prompts_are_each_text_once_oldest_first(db):
+    campaign = make_campaign(db, slug="ppo-prompts", k=2)
+    chat = [{"role": "user", "content": "hi"}]
+    make_task(db, campaign, prompt="first", completions=["a", "b"])
+    make_task(db, campaign, messages=chat, completions=["c", "d"])
+    make_task(db, campaign, prompt="third", completions=["e", "f"])
+    db.flush()
+    assert campaign_prompts(db, [campaign.id], None) == ["first", chat, "third"]
+    assert campaign_prompts(db, [campaign.id], 2) == ["first", chat]
+
+
+@pytest.fixture
+def live(fresh_database_url, tmp_path):
+    database = Database(fresh_database_url)
+    settings = make_settings(database_url=fresh_database_url, data_dir=tmp_path / "data")
+    yield database, settings
+    database.dispose()
+
+
+def save_models(data_dir: Path) -> tuple[str, str]:
+    """A tiny policy and a reward model on its tokenizer, as registered folders."""
+    tokenizer = tokenizer_for([" ".join(WORDS)])
+    policy, reward = data_dir / "models" / "base", data_dir / "models" / "rm"
+    causal_lm(tokenizer).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    reward_model(tokenizer, seed=3).save_pretrained(reward)
+    tokenizer.save_pretrained(reward)
+    meta = {"config": {"max_length": 32}, "normalization": {"mean": 0.0, "std": 1.0}}
+    (reward / REWARD_META).write_text(json.dumps(meta))
+    return "models/base", "models/rm"
+
+
+def test_a_ppo_job_makes_a_new_policy_version(live):
+    database, settings = live
+    policy_path, reward_path = save_models(Path(settings.data_dir))
+    with database.session() as db:
+        campaign = make_campaign(db, slug="ppo-live", k=2)
+        for n in range(6):
+            make_task(db, campaign, prompt=f"tell me about the weather {n}", completions=["a", "b"])
+        base = ModelVersion(name="base", kind=ModelKind.policy, path=policy_path, algorithm="base")
+        rm = ModelVersion(
+            name="rm", kind=ModelKind.reward, path=reward_path, campaign_id=campaign.id
+        )
+        db.add_all([base, rm])
+        researcher = auth_service.create_user(
+            db, username="ppo-r", role=Role.researcher, password=None
+        )
+        token = auth_service.create_api_token(db, researcher, name="ppo")
+        db.commit()
+        base_id, rm_id = base.id, rm.id
+    client = TestClient(create_app(settings, database))
+    auth = {"Authorization": f"Bearer {token.secret}"}
+    config = {
+        "policy_id": base_id,
+        "reward_model_id": rm_id,
+        "campaigns": ["ppo-live"],
+        "kl_budget": 100.0,
+        "training": {
+            "total_steps": 3,
+            "rollout_batch_size": 4,
+            "minibatch_size": 2,
+            "ppo_epochs": 1,
+            "max_new_tokens": 4,
+            "max_prompt_length": 16,
+            "learning_rate": 1e-3,
+            "temperature": 1.0,
+            "checkpoint_every": 1,
+        },
+    }
+    wrong = {**config, "policy_id": rm_id}
+    refused = client.post("/api/v1/jobs", json={"kind": "ppo", "config": wrong}, headers=auth)
+    assert refused.status_code == 404 and "no policy model version" in refused.json()["detail"]
+    created = client.post("/api/v1/jobs", json={"kind": "ppo", "config": config}, headers=auth)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+
+    ran = run_worker(
+        settings, "ppo-worker", once=True, database=database, install_signals=False, **FAST
+    )
+    assert ran == 1
+    job = client.get(f"/api/v1/jobs/{job_id}", headers=auth).json()
+    assert job["state"] == "succeeded", job["error"]
+    [model] = job["models"]
+    assert model["kind"] == "policy" and model["algorithm"] == "ppo"
+    assert model["parent_id"] == base_id and model["metrics"]["data"]["prompts"] == 6
+    assert "reward/raw" in model["metrics"]["eval"] and "kl/k1" in model["metrics"]["eval"]
+    series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()["series"]
+    assert len(series["kl/k1"]) == 3 and len(series["reward/normalized"]) == 3
+    assert {"policy/clip_frac", "value/explained_variance", "response/eos_rate"} <= series.keys()
+
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(settings.data_dir) / model["path"]
+    assert AutoModelForCausalLM.from_pretrained(folder).config.vocab_size > 0
+    page = client.get(f"/jobs/{job_id}", headers=auth)
+    assert page.status_code == 200 and 'data-testid="job-warning"' not in page.text
+    assert f"/models/{model['id']}/generate" in page.text
+    model_page = client.get(f"/models/{model['id']}", headers=auth)
+    assert model_page.status_code == 200 and f"/models/{base_id}" in model_page.text
+
+    # one click: the new policy samples completions for its campaign
+    made = client.post(f"/models/{model['id']}/generate", headers=auth, follow_redirects=False)
+    assert made.status_code == 303 and made.headers["location"].startswith("/jobs/")
+    with database.session() as db:
+        generate = db.get_one(Job, int(made.headers["location"].rsplit("/", 1)[1]))
+        assert generate.kind == "generate" and generate.state is JobState.queued
+        assert generate.config["model_id"] == model["id"]
+        assert generate.config["campaign"] == "ppo-live"
