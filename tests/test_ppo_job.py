@@ -179,6 +179,25 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
     model_page = client.get(f"/models/{model['id']}", headers=auth)
     assert model_page.status_code == 200 and f"/models/{base_id}" in model_page.text
 
+    # the form: a bad field queues nothing; a good one queues PPO from the new version
+    form = client.get(f"/jobs/new/ppo?policy={model['id']}&campaign=ppo-live", headers=auth)
+    assert form.status_code == 200 and f'value="{model["id"]}" selected' in form.text
+    fields = {"policy_id": str(model["id"]), "reward_model_id": str(rm_id), "campaigns": "ppo-live"}
+    bad = client.post("/jobs/new/ppo", data={**fields, "learning_rate": "-1"}, headers=auth)
+    assert bad.status_code == 422 and "learning_rate" in bad.text
+    good = client.post(
+        "/jobs/new/ppo",
+        data={**fields, "total_steps": "7", "adaptive_kl": "true", "kl_budget": "3"},
+        headers=auth,
+        follow_redirects=False,
+    )
+    assert good.status_code == 303, good.text
+    with database.session() as db:
+        queued = db.get_one(Job, int(good.headers["location"].rsplit("/", 1)[1]))
+        assert queued.kind == "ppo" and queued.config["policy_id"] == model["id"]
+        assert queued.config["training"]["total_steps"] == 7
+        assert queued.config["training"]["adaptive_kl"] is True and queued.config["kl_budget"] == 3
+
     # one click: the new policy samples completions for its campaign
     made = client.post(f"/models/{model['id']}/generate", headers=auth, follow_redirects=False)
     assert made.status_code == 303 and made.headers["location"].startswith("/jobs/")

@@ -22,6 +22,8 @@ from app.jobs import service as jobs
 from app.jobs.models import Job, JobState, ModelVersion
 from app.jobs.specs import (
     GenerateJobSpec,
+    PPOJobSpec,
+    PPOTraining,
     RewardJobSpec,
     RewardTraining,
     ScoreJobSpec,
@@ -481,3 +483,93 @@ def generate_now(
     """One click: a policy version samples completions for its campaign's prompts that lack
     them, with the default sampling settings (the form at /generate has them all)."""
     return _generate_now(request, db, principal, model_id)
+
+
+# --- PPO ------------------------------------------------------------------------------------
+
+PPO_TEMPLATE = "jobs/new_ppo.html"
+PPO_FIELDS = (
+    ("total_steps", "PPO steps", "Each samples a rollout batch, then updates."),
+    ("rollout_batch_size", "Responses per step", ""),
+    ("minibatch_size", "Responses per optimizer step", ""),
+    ("ppo_epochs", "Epochs over each rollout", ""),
+    ("learning_rate", "Learning rate", "AdamW; small (3e-6 is the default)."),
+    ("max_new_tokens", "Max new tokens", "Response length cap."),
+    ("temperature", "Sampling temperature", "Log-probs always use logits / temperature."),
+    ("kl_coef", "KL coefficient (beta)", "Initial beta when adaptive."),
+    ("kl_target", "Target KL (nats, adaptive)", "Ziegler et al. use 6."),
+    ("missing_eos_penalty", "Penalty without EOS", "Empty: none."),
+    ("seed", "Seed", ""),
+)
+
+
+def ppo_context(db: Any, form: dict[str, Any], error: str | None = None) -> dict[str, Any]:
+    return {
+        "form": form,
+        "error": error,
+        "policies": training.list_models(db, kind="policy"),
+        "rewards": training.list_models(db, kind="reward"),
+        "campaign_list": [
+            row
+            for row in campaigns.list_campaigns(db)
+            if row.campaign.mode.value != "demonstration"
+        ],
+        "fields": PPO_FIELDS,
+    }
+
+
+@router.get("/jobs/new/ppo")
+def new_ppo_job(
+    request: Request,
+    db: DbSession,
+    policy: Annotated[int | None, Query(ge=1)] = None,
+    campaign: Annotated[str | None, Query()] = None,
+) -> Response:
+    """The form that queues PPO of a policy version against a reward model version."""
+    defaults = PPOTraining().model_dump()
+    form = {
+        "policy_id": policy,
+        "campaigns": [campaign] if campaign else [],
+        **{name: defaults[name] for name, *_ in PPO_FIELDS},
+    }
+    return render(request, PPO_TEMPLATE, ppo_context(db, form), db=db)
+
+
+def ppo_input(form: Any) -> dict[str, Any]:
+    """The form as a PPOJobSpec's input: empty fields keep their defaults."""
+    training_names = {name for name, *_ in PPO_FIELDS}
+    raw: dict[str, Any] = {"campaigns": [str(v) for v in form.getlist("campaigns")]}
+    options: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if not isinstance(value, str) or not value.strip() or key == "csrf_token":
+            continue
+        if key in training_names:
+            options[key] = value.strip()
+        elif key in {"policy_id", "reward_model_id", "name", "kl_budget", "max_prompts"}:
+            raw[key] = value.strip()
+    options["adaptive_kl"] = form.get("adaptive_kl") is not None
+    options["use_lora"] = form.get("use_lora") is not None
+    raw["training"] = options
+    return raw
+
+
+def _create_ppo(request: Request, db: Any, principal: Any, raw: dict[str, Any]) -> Response:
+    try:
+        spec = PPOJobSpec.model_validate(raw)
+        job = training.queue_ppo(db, spec, actor_id=principal.user.id)
+    except (SpecError, ValueError) as error:
+        db.rollback()
+        message = str(error) if isinstance(error, SpecError) else _first_errors(error)
+        form = {**raw, **raw.get("training", {})}
+        context = ppo_context(db, form, message)
+        return render(request, PPO_TEMPLATE, context, status_code=422, db=db)
+    flash(db, principal, f"Job #{job.id} is queued: a worker (`prefloop worker`) will run PPO.")
+    db.commit()
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+@router.post("/jobs/new/ppo")
+async def create_ppo_job(request: Request, db: DbSession, principal: CurrentPrincipal) -> Response:
+    """Queue PPO from the form; a bad field shows the form again and queues nothing."""
+    raw = ppo_input(await request.form())
+    return await run_in_threadpool(_create_ppo, request, db, principal, raw)
