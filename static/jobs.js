@@ -11,6 +11,9 @@
     ["loss", "Loss", ["train/loss", "eval/loss"]],
     ["accuracy", "Pair accuracy", ["train/accuracy", "eval/accuracy", "gold/accuracy"]],
     ["learning_rate", "Learning rate", ["train/learning_rate"]],
+    ["calibration", "Calibration error (ECE)", ["eval/ece"]],
+    ["throughput", "Pairs per second", ["train/pairs_per_second"]],
+    ["grad_norm", "Gradient norm", ["train/grad_norm"]],
   ];
   var COLORS = ["#3355dd", "#1f7a4d", "#a86a00", "#b3261e", "#6b4fbb", "#00838f"];
 
