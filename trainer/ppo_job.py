@@ -14,8 +14,6 @@ campaigns' prompts, and becomes a new policy version.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,8 @@ from sqlalchemy.orm import Session
 from app.jobs.models import ModelKind, ModelVersion
 from app.jobs.specs import PPOJobSpec, parse_ppo_spec
 from app.labeling.models import Prompt
+from trainer.model_versions import finite, publish
 from trainer.ppo import PPOConfig, train
-from trainer.reward_job import finite
 
 PROMPTS_FILE = "prompts.json"
 
@@ -110,13 +108,6 @@ def run(ctx: Any) -> dict[str, Any]:
     if result.stopped:
         ctx.check_stop()  # raises JobStopped: the worker requeues or cancels the job
         raise RuntimeError("training stopped without a stop request")
-    models = data_dir / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    folder = models / f"ppo-{ctx.job_id:06d}-{ctx.attempt}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.rmtree(work_dir / "checkpoint", ignore_errors=True)
-    os.replace(work_dir, folder)
     summary = {
         "training": {
             "config": spec.training.model_dump(),
@@ -127,22 +118,15 @@ def run(ctx: Any) -> dict[str, Any]:
         "data": {"prompts": len(prompts)},
         "eval": finite(result.metrics),
     }
-    name = spec.name or f"ppo {'+'.join(spec.campaigns)} (job {ctx.job_id})"
-
-    def record(db: Session) -> None:
-        db.add(
-            ModelVersion(
-                name=name,
-                kind=ModelKind.policy,
-                path=str(folder.relative_to(data_dir)),
-                parent_id=spec.policy_id,
-                campaign_id=ctx.campaign_id,
-                job_id=ctx.job_id,
-                algorithm="ppo",
-                metrics=summary,
-            )
-        )
-
-    ctx.on_complete(record)
+    folder = publish(
+        ctx,
+        work_dir,
+        "ppo",
+        name=spec.name or f"ppo {'+'.join(spec.campaigns)} (job {ctx.job_id})",
+        kind=ModelKind.policy,
+        algorithm="ppo",
+        metrics=summary,
+        parent_id=spec.policy_id,
+    )
     ctx.report(1.0, "done")
     return {"model_path": str(folder), "metrics": finite(result.metrics), "steps": result.steps}

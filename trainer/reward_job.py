@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,7 @@ from app.exports.service import quality_reports
 from app.jobs.models import ModelKind, ModelVersion
 from app.jobs.specs import RewardJobSpec, parse_reward_spec, parse_score_spec
 from app.labeling.models import Completion, Prompt, Task, TaskCompletion
+from trainer.model_versions import finite, publish
 from trainer.reward import RankingGroup, RewardConfig, RewardScorer, train
 
 MIN_WEIGHT = 0.1
@@ -172,13 +170,6 @@ def load_training_data(
     return data
 
 
-def finite(values: dict[str, Any]) -> dict[str, Any]:
-    """NaN and infinities as None: JSON has no NaN (and PostgreSQL's jsonb refuses it)."""
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()
-    }
-
-
 def gold_groups(ctx: Any) -> list[RankingGroup]:
     """Every gold task of the campaigns with its answer, as a ranking to evaluate against."""
     tasks = ctx.db.execute(
@@ -290,15 +281,6 @@ def run(ctx: Any) -> dict[str, Any]:
     ctx.report(0.96, "scoring held-out tasks")
     task_scores = score_tasks(work_dir, data.eval_tasks, ctx.device)
 
-    # The finished model gets a folder of its own, named for this attempt: a late worker's
-    # copy can never land on a recorded version's files.
-    models = Path(ctx.settings.data_dir) / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    folder = models / f"reward-{ctx.job_id:06d}-{ctx.attempt}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.rmtree(work_dir / "checkpoint", ignore_errors=True)
-    os.replace(work_dir, folder)
     data_ref = {
         "export_parameters": data.parameters,
         "counts": data.counts,
@@ -311,22 +293,15 @@ def run(ctx: Any) -> dict[str, Any]:
         "normalization": finite(result.normalization),
         "task_scores": task_scores,
     }
-    name = spec.name or f"reward {'+'.join(spec.campaigns)} (job {ctx.job_id})"
-
-    def record(db: Session) -> None:
-        db.add(
-            ModelVersion(
-                name=name,
-                kind=ModelKind.reward,
-                path=str(folder.relative_to(Path(ctx.settings.data_dir))),
-                campaign_id=ctx.campaign_id,
-                job_id=ctx.job_id,
-                algorithm="reward",
-                metrics=summary,
-            )
-        )
-
-    ctx.on_complete(record)
+    folder = publish(
+        ctx,
+        work_dir,
+        "reward",
+        name=spec.name or f"reward {'+'.join(spec.campaigns)} (job {ctx.job_id})",
+        kind=ModelKind.reward,
+        algorithm="reward",
+        metrics=summary,
+    )
     ctx.report(1.0, "done")
     return {
         "model_path": str(folder),

@@ -145,30 +145,27 @@ def job_metrics(
     }
 
 
-@router.post("/jobs/{job_id}/cancel")
-def cancel_job(job_id: int, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
-    """Cancel a waiting job now, or ask a running one to stop at its next heartbeat."""
+def _change(change: Any, job_id: int, db: Any, principal: Any) -> dict[str, Any]:
     try:
-        job = jobs.cancel(db, job_id, actor_id=principal.user.id)
+        job = change(db, job_id, actor_id=principal.user.id)
     except jobs.JobNotFound as error:
         raise HTTPException(404, str(error)) from error
     except jobs.InvalidTransition as error:
         raise HTTPException(409, str(error)) from error
     db.commit()
     return one_job(db, job)
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job(job_id: int, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
+    """Cancel a waiting job now, or ask a running one to stop at its next heartbeat."""
+    return _change(jobs.cancel, job_id, db, principal)
 
 
 @router.post("/jobs/{job_id}/retry")
 def retry_job(job_id: int, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
     """Queue a failed, dead or cancelled job again (it resumes from its checkpoint)."""
-    try:
-        job = jobs.retry(db, job_id, actor_id=principal.user.id)
-    except jobs.JobNotFound as error:
-        raise HTTPException(404, str(error)) from error
-    except jobs.InvalidTransition as error:
-        raise HTTPException(409, str(error)) from error
-    db.commit()
-    return one_job(db, job)
+    return _change(jobs.retry, job_id, db, principal)
 
 
 @router.get("/models")

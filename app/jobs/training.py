@@ -31,16 +31,22 @@ from app.quality import metrics as quality_metrics
 CHART_METRICS_LIMIT = 5_000
 
 
-def queue_reward_training(
-    db: Session, spec: RewardJobSpec, *, actor_id: int | None, priority: int = 0
-) -> Job:
-    """Queue a `train_reward` job; an unknown campaign is SpecError and queues nothing."""
+def campaigns_named(db: Session, slugs: list[str]) -> list[Campaign]:
+    """The campaigns of these slugs, in order; SpecError names the first unknown one."""
     found: list[Campaign] = []
-    for slug in spec.campaigns:
+    for slug in slugs:
         campaign = campaigns.get_by_slug(db, slug)
         if campaign is None:
             raise SpecError(f"campaigns: there is no campaign '{slug}'")
         found.append(campaign)
+    return found
+
+
+def queue_reward_training(
+    db: Session, spec: RewardJobSpec, *, actor_id: int | None, priority: int = 0
+) -> Job:
+    """Queue a `train_reward` job; an unknown campaign is SpecError and queues nothing."""
+    found = campaigns_named(db, spec.campaigns)
     job = jobs.enqueue(
         db,
         kind=TRAIN_REWARD,
@@ -92,12 +98,7 @@ def queue_scoring(db: Session, spec: ScoreJobSpec, *, actor_id: int | None) -> J
 def queue_ppo(db: Session, spec: PPOJobSpec, *, actor_id: int | None, priority: int = 0) -> Job:
     """Queue a `ppo` job; unknown campaigns or model versions of the wrong kind are
     SpecError and queue nothing."""
-    found: list[Campaign] = []
-    for slug in spec.campaigns:
-        campaign = campaigns.get_by_slug(db, slug)
-        if campaign is None:
-            raise SpecError(f"campaigns: there is no campaign '{slug}'")
-        found.append(campaign)
+    found = campaigns_named(db, spec.campaigns)
     policy = db.get(ModelVersion, spec.policy_id)
     if policy is None or policy.kind.value != "policy":
         raise SpecError(f"policy_id: there is no policy model version {spec.policy_id}")
