@@ -83,6 +83,8 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/jobs/new"): {RESEARCHER, ADMIN},
     ("GET", "/jobs/new/ppo"): {RESEARCHER, ADMIN},
     ("POST", "/jobs/new/ppo"): {RESEARCHER, ADMIN},
+    ("GET", "/jobs/new/sft"): {RESEARCHER, ADMIN},
+    ("POST", "/jobs/new/sft"): {RESEARCHER, ADMIN},
     ("GET", "/jobs/{job_id}"): {RESEARCHER, ADMIN},
     ("POST", "/jobs/{job_id}/cancel"): {RESEARCHER, ADMIN},
     ("POST", "/jobs/{job_id}/retry"): {RESEARCHER, ADMIN},

@@ -20,6 +20,7 @@ HANDLERS: dict[str, str] = {
     "score_reward": "trainer.reward_job:score",
     "generate": "trainer.generate_job:run",
     "ppo": "trainer.ppo_job:run",
+    "sft": "trainer.sft_job:run",
 }
 
 

@@ -17,11 +17,13 @@ from app.jobs.specs import (
     GENERATE,
     PPO,
     SCORE_REWARD,
+    SFT,
     SpecError,
     parse_generate_spec,
     parse_ppo_spec,
     parse_reward_spec,
     parse_score_spec,
+    parse_sft_spec,
 )
 from app.web import CurrentPrincipal, DbSession, SettingsDep, require_roles
 
@@ -37,7 +39,7 @@ class JobIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["train_reward", "score_reward", "generate", "ppo"]
+    kind: Literal["train_reward", "score_reward", "generate", "ppo", "sft"]
     config: dict[str, Any]
     priority: int = Field(0, ge=-100, le=100)
 
@@ -88,6 +90,10 @@ def create_job(body: JobIn, db: DbSession, principal: CurrentPrincipal) -> dict[
         elif body.kind == PPO:
             job = training.queue_ppo(
                 db, parse_ppo_spec(body.config), actor_id=principal.user.id, priority=body.priority
+            )
+        elif body.kind == SFT:
+            job = training.queue_sft(
+                db, parse_sft_spec(body.config), actor_id=principal.user.id, priority=body.priority
             )
         elif body.kind == GENERATE:
             job = registry.queue_generation(

@@ -327,3 +327,94 @@ def parse_ppo_spec(raw: dict[str, Any]) -> PPOJobSpec:
         return PPOJobSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(_message(error)) from error
+
+
+SFT = "sft"
+
+
+class SFTTraining(BaseModel):
+    """Hyperparameters of an SFT run (see `trainer.sft.SFTConfig`; a test holds them equal)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_length: int = Field(1024, ge=16, le=131_072, description="Tokens per example (row).")
+    min_prompt_tokens: int = Field(
+        64, ge=0, le=131_072, description="A too-long completion leaves the prompt this many."
+    )
+    batch_size: int = Field(8, ge=1, le=4096, description="Examples (packed: rows) per pass.")
+    grad_accumulation_steps: int = Field(1, ge=1, le=1024)
+    learning_rate: float = Field(2e-5, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    lr_scheduler: Literal["cosine", "linear"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0, le=1000)
+    epochs: int = Field(1, ge=1, le=100)
+    packing: bool = Field(False, description="Pack examples into rows (kept apart).")
+    seed: int = 42
+    bf16: bool | None = Field(None, description="None: on when the GPU supports it.")
+    gradient_checkpointing: bool | None = Field(None, description="None: on with CUDA.")
+    group_by_length: bool = True
+    length_group_size: int = Field(50, ge=1, le=10_000)
+    eval_before: bool = Field(True, description="Evaluate the starting policy first.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 = per epoch.")
+    eval_batch_size: int = Field(16, ge=1, le=4096)
+    logging_steps: int = Field(10, ge=1, le=100_000)
+    save_every: int = Field(50, ge=0, description="Checkpoint every N steps (resume point).")
+
+
+class SFTJobSpec(BaseModel):
+    """An `sft` job: fine-tune a policy version on the demonstrations of demonstration
+    campaigns (labelers' written answers and imported prompt/completion pairs), read through
+    the exports' `sft` format with these filters; a seeded share of prompts is held out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: int = Field(ge=1, description="The policy model version to fine-tune.")
+    campaigns: list[str] = Field(min_length=1, description="Demonstration campaign slugs.")
+    since: dt.date | None = None
+    until: dt.date | None = None
+    min_gold_accuracy: float | None = Field(None, ge=0, le=1)
+    include_excluded: bool = False
+    include_inactive: bool = False
+    flagged: Literal["keep", "drop"] = "keep"
+    sources: list[Source] = Field(default_factory=lambda: list(SOURCES), min_length=1)
+    dedupe: bool = Field(True, description="Train on identical prompt/completion pairs once.")
+    test_fraction: float = Field(
+        0.1, ge=0, le=0.5, description="Share of prompts held out for the eval loss."
+    )
+    split_seed: int = Field(0, description="Seed of the train/eval split by prompt.")
+    max_examples: int | None = Field(None, ge=1, description="Train on at most this many.")
+    name: str | None = Field(None, max_length=200, description="The new version's name.")
+    training: SFTTraining = Field(default_factory=SFTTraining)
+
+    @model_validator(mode="after")
+    def _dates(self) -> SFTJobSpec:
+        if self.since and self.until and self.since > self.until:
+            raise ValueError("since is after until")
+        return self
+
+    def export_params(self) -> ExportParams:
+        """The `sft` export the job reads its demonstrations from."""
+        return ExportParams(
+            campaigns=self.campaigns,
+            format="sft",
+            since=self.since,
+            until=self.until,
+            min_gold_accuracy=self.min_gold_accuracy,
+            include_excluded=self.include_excluded,
+            include_inactive=self.include_inactive,
+            flagged=self.flagged,
+            sources=self.sources,
+            dedupe=self.dedupe,
+            test_fraction=self.test_fraction,
+            seed=self.split_seed,
+            pseudonyms="stable",
+            sft_style="completion",
+        )
+
+
+def parse_sft_spec(raw: dict[str, Any]) -> SFTJobSpec:
+    try:
+        return SFTJobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_message(error)) from error

@@ -284,3 +284,99 @@ def reward_eval(
     typer.echo(f"{label} on {data.name}: {figures['pairs']:,} pairs{note}")
     typer.echo(f"  pair accuracy {figures['accuracy']:.4f}")
     typer.echo(f"  calibration error (ECE) {figures['ece']:.4f}")
+
+
+@train_cli.command("sft")
+def train_sft(
+    campaign: Annotated[
+        list[str],
+        typer.Option("--campaign", help="Demonstration campaign slug; repeat for several."),
+    ],
+    model: Annotated[str, typer.Option("--model", help="Policy model version id or name.")],
+    name: Annotated[str | None, typer.Option(help="The new policy version's name.")] = None,
+    test_fraction: Annotated[float, typer.Option(help="Share of prompts held out.")] = 0.1,
+    split_seed: Annotated[int, typer.Option(help="Seed of the split by prompt.")] = 0,
+    since: Annotated[str | None, typer.Option(help="First UTC day of labels, YYYY-MM-DD.")] = None,
+    until: Annotated[str | None, typer.Option(help="Last UTC day (included).")] = None,
+    min_gold_accuracy: Annotated[
+        float | None, typer.Option(help="Minimum labeler gold accuracy.")
+    ] = None,
+    include_excluded: Annotated[
+        bool, typer.Option("--include-excluded", help="Keep labelers an admin excluded.")
+    ] = False,
+    source: Annotated[
+        list[str] | None,
+        typer.Option("--source", help="human, import or ai; repeat (default: all)."),
+    ] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Train on at most this many.")] = None,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
+    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Examples (packed: rows) per batch.")] = 8,
+    grad_accumulation_steps: Annotated[int, typer.Option(help="Batches per step.")] = 1,
+    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 1024,
+    lr_scheduler: Annotated[str, typer.Option(help="cosine or linear decay.")] = "cosine",
+    packing: Annotated[
+        bool, typer.Option("--packing", help="Pack examples into rows (kept apart).")
+    ] = False,
+    gradient_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="Trade compute for memory (default: on with CUDA).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 42,
+    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+) -> None:
+    """Queue supervised fine-tuning of a policy version on demonstrations; a worker runs it."""
+    from app.jobs.specs import parse_sft_spec
+
+    raw: dict[str, Any] = {
+        "model_id": 1,  # checked below, once the version is found
+        "campaigns": campaign,
+        "name": name,
+        "test_fraction": test_fraction,
+        "split_seed": split_seed,
+        "since": since,
+        "until": until,
+        "min_gold_accuracy": min_gold_accuracy,
+        "include_excluded": include_excluded,
+        "max_examples": max_examples,
+        "training": {
+            "learning_rate": learning_rate,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "grad_accumulation_steps": grad_accumulation_steps,
+            "max_length": max_length,
+            "lr_scheduler": lr_scheduler,
+            "packing": packing,
+            "gradient_checkpointing": gradient_checkpointing,
+            "seed": seed,
+        },
+    }
+    if source:
+        raw["sources"] = source
+    try:
+        parse_sft_spec(raw)
+    except SpecError as error:
+        fail(str(error), 2)
+    settings = load_settings()
+    database = open_database(settings)
+    try:
+        with database.session() as db:
+            version = training.get_model(db, model)
+            if version is None:
+                fail(f"--model: no model version '{model}' (see prefloop model list)", 1)
+            try:
+                spec = parse_sft_spec({**raw, "model_id": version.id})
+                job = training.queue_sft(db, spec, actor_id=None, priority=priority)
+            except SpecError as error:
+                fail(str(error), 1)
+            db.commit()
+            typer.echo(f"queued job {job.id} (sft of model {version.id} on {', '.join(campaign)})")
+            typer.echo(
+                "  run it with `prefloop worker`; follow it with `prefloop job show "
+                f"{job.id}` or on /jobs/{job.id}"
+            )
+    finally:
+        database.dispose()

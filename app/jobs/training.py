@@ -19,10 +19,12 @@ from app.jobs.models import Job, JobMetric, ModelVersion
 from app.jobs.specs import (
     PPO,
     SCORE_REWARD,
+    SFT,
     TRAIN_REWARD,
     PPOJobSpec,
     RewardJobSpec,
     ScoreJobSpec,
+    SFTJobSpec,
     SpecError,
 )
 from app.labeling.models import Judgment, Task
@@ -340,3 +342,39 @@ def ppo_warnings(series: dict[str, list[tuple[int, float]]], config: dict[str, A
             "paying for verbosity; check samples before trusting the gain."
         )
     return warnings
+
+
+def queue_sft(db: Session, spec: SFTJobSpec, *, actor_id: int | None, priority: int = 0) -> Job:
+    """Queue an `sft` job; an unknown campaign, one that is not a demonstration campaign, or a
+    model version that is not a policy is SpecError and queues nothing."""
+    found: list[Campaign] = []
+    for slug in spec.campaigns:
+        campaign = campaigns.get_by_slug(db, slug)
+        if campaign is None:
+            raise SpecError(f"campaigns: there is no campaign '{slug}'")
+        if campaign.mode.value != "demonstration":
+            raise SpecError(
+                f"campaigns: '{slug}' is a {campaign.mode.value} campaign; SFT learns from "
+                "demonstration campaigns"
+            )
+        found.append(campaign)
+    policy = db.get(ModelVersion, spec.model_id)
+    if policy is None or policy.kind.value != "policy":
+        raise SpecError(f"model_id: there is no policy model version {spec.model_id}")
+    job = jobs.enqueue(
+        db,
+        kind=SFT,
+        config=spec.model_dump(mode="json"),
+        campaign_id=found[0].id,
+        created_by_id=actor_id,
+        priority=priority,
+    )
+    audit.record(
+        db,
+        actor_id=actor_id,
+        action="job.create",
+        entity_type="job",
+        entity_id=job.id,
+        after={"kind": job.kind, "campaigns": spec.campaigns, "model_id": policy.id},
+    )
+    return job

@@ -27,6 +27,8 @@ from app.jobs.specs import (
     RewardJobSpec,
     RewardTraining,
     ScoreJobSpec,
+    SFTJobSpec,
+    SFTTraining,
     SpecError,
     bundled_backbone,
 )
@@ -573,3 +575,102 @@ async def create_ppo_job(request: Request, db: DbSession, principal: CurrentPrin
     """Queue PPO from the form; a bad field shows the form again and queues nothing."""
     raw = ppo_input(await request.form())
     return await run_in_threadpool(_create_ppo, request, db, principal, raw)
+
+
+# --- SFT ------------------------------------------------------------------------------------
+
+SFT_TEMPLATE = "jobs/new_sft.html"
+SFT_DATA_FIELDS = (
+    ("since", "From (UTC day)", "date", ""),
+    ("until", "Until (UTC day, included)", "date", ""),
+    ("min_gold_accuracy", "Minimum labeler gold accuracy (0-1)", "number", ""),
+    ("test_fraction", "Held-out prompts (0-0.5)", "number", "For the eval loss; 0: none."),
+    ("split_seed", "Split seed", "number", ""),
+    ("max_examples", "At most this many demonstrations", "number", "Empty: all of them."),
+)
+SFT_FIELDS = (
+    ("learning_rate", "Learning rate", "number", "Peak AdamW rate; warmup, then cosine decay."),
+    ("epochs", "Epochs", "number", ""),
+    ("batch_size", "Examples per batch", "number", "Packed: rows per batch."),
+    ("grad_accumulation_steps", "Gradient accumulation", "number", ""),
+    ("max_length", "Max tokens", "number", "The prompt's start is cut first."),
+    ("seed", "Seed", "number", ""),
+)
+
+
+def sft_context(db: Any, form: dict[str, Any], error: str | None = None) -> dict[str, Any]:
+    return {
+        "form": form,
+        "error": error,
+        "policies": training.list_models(db, kind="policy"),
+        "campaign_list": [
+            row
+            for row in campaigns.list_campaigns(db)
+            if row.campaign.mode.value == "demonstration"
+        ],
+        "data_fields": SFT_DATA_FIELDS,
+        "training_fields": SFT_FIELDS,
+    }
+
+
+def sft_defaults(model: int | None, campaign: str | None) -> dict[str, Any]:
+    spec_defaults = SFTJobSpec.model_fields
+    options = SFTTraining().model_dump()
+    return {
+        "model_id": model,
+        "campaigns": [campaign] if campaign else [],
+        "test_fraction": spec_defaults["test_fraction"].default,
+        "split_seed": spec_defaults["split_seed"].default,
+        **{name: options[name] for name, *_ in SFT_FIELDS},
+    }
+
+
+@router.get("/jobs/new/sft")
+def new_sft_job(
+    request: Request,
+    db: DbSession,
+    model: Annotated[int | None, Query(ge=1)] = None,
+    campaign: Annotated[str | None, Query()] = None,
+) -> Response:
+    """The form that queues supervised fine-tuning of a policy version on demonstrations."""
+    return render(request, SFT_TEMPLATE, sft_context(db, sft_defaults(model, campaign)), db=db)
+
+
+def sft_input(form: Any) -> dict[str, Any]:
+    """The form as an SFTJobSpec's input: empty fields keep their defaults."""
+    data_names = {name for name, *_ in SFT_DATA_FIELDS} | {"model_id", "name"}
+    training_names = {name for name, *_ in SFT_FIELDS}
+    raw: dict[str, Any] = {"campaigns": [str(v) for v in form.getlist("campaigns")]}
+    options: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if not isinstance(value, str) or not value.strip() or key == "csrf_token":
+            continue
+        if key in training_names:
+            options[key] = value.strip()
+        elif key in data_names:
+            raw[key] = value.strip()
+    raw["include_excluded"] = form.get("include_excluded") is not None
+    options["packing"] = form.get("packing") is not None
+    raw["training"] = options
+    return raw
+
+
+def _create_sft(request: Request, db: Any, principal: Any, raw: dict[str, Any]) -> Response:
+    try:
+        spec = SFTJobSpec.model_validate(raw)
+        job = training.queue_sft(db, spec, actor_id=principal.user.id)
+    except (SpecError, ValueError) as error:
+        db.rollback()
+        message = str(error) if isinstance(error, SpecError) else _first_errors(error)
+        form = {**raw, **raw.get("training", {})}
+        return render(request, SFT_TEMPLATE, sft_context(db, form, message), status_code=422, db=db)
+    flash(db, principal, f"Job #{job.id} is queued: a worker (`prefloop worker`) will fine-tune.")
+    db.commit()
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+@router.post("/jobs/new/sft")
+async def create_sft_job(request: Request, db: DbSession, principal: CurrentPrincipal) -> Response:
+    """Queue SFT from the form; a bad field shows the form again and queues nothing."""
+    raw = sft_input(await request.form())
+    return await run_in_threadpool(_create_sft, request, db, principal, raw)
