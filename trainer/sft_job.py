@@ -19,13 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-from sqlalchemy.orm import Session
 
 from app.db import Database
 from app.exports import formats
@@ -34,7 +30,7 @@ from app.exports.schemas import AsOf
 from app.jobs.models import ModelKind, ModelVersion
 from app.jobs.specs import SFTJobSpec, parse_sft_spec
 from trainer.generate_job import model_location
-from trainer.reward_job import finite
+from trainer.model_versions import finite, publish
 from trainer.sft import SFTConfig, SFTExample, train
 
 
@@ -145,15 +141,6 @@ def run(ctx: Any) -> dict[str, Any]:
         ctx.check_stop()  # raises JobStopped: the worker requeues or cancels the job
         raise RuntimeError("training stopped without a stop request")
 
-    # The new policy gets a folder of its own, named for this attempt: a late worker's copy
-    # can never land on a recorded version's files.
-    models = Path(ctx.settings.data_dir) / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    folder = models / f"sft-{ctx.job_id:06d}-{ctx.attempt}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.rmtree(work_dir / "checkpoint", ignore_errors=True)
-    os.replace(work_dir, folder)
     data_ref = {**data.counts, "fingerprint": data.fingerprint()}
     summary = {
         "training": {
@@ -166,23 +153,16 @@ def run(ctx: Any) -> dict[str, Any]:
         # NaN (no held-out prompts, no packing) left out rather than shown as empty
         "eval": {k: v for k, v in finite(result.metrics).items() if v is not None},
     }
-    name = spec.name or f"sft {'+'.join(spec.campaigns)} (job {ctx.job_id})"
-
-    def record(db: Session) -> None:
-        db.add(
-            ModelVersion(
-                name=name,
-                kind=ModelKind.policy,
-                path=str(folder.relative_to(Path(ctx.settings.data_dir))),
-                parent_id=spec.model_id,
-                campaign_id=ctx.campaign_id,
-                job_id=ctx.job_id,
-                algorithm="sft",
-                metrics=summary,
-            )
-        )
-
-    ctx.on_complete(record)
+    folder = publish(
+        ctx,
+        work_dir,
+        "sft",
+        name=spec.name or f"sft {'+'.join(spec.campaigns)} (job {ctx.job_id})",
+        kind=ModelKind.policy,
+        algorithm="sft",
+        metrics=summary,
+        parent_id=spec.model_id,
+    )
     ctx.report(1.0, "done")
     return {
         "model_path": str(folder),

@@ -347,17 +347,13 @@ def ppo_warnings(series: dict[str, list[tuple[int, float]]], config: dict[str, A
 def queue_sft(db: Session, spec: SFTJobSpec, *, actor_id: int | None, priority: int = 0) -> Job:
     """Queue an `sft` job; an unknown campaign, one that is not a demonstration campaign, or a
     model version that is not a policy is SpecError and queues nothing."""
-    found: list[Campaign] = []
-    for slug in spec.campaigns:
-        campaign = campaigns.get_by_slug(db, slug)
-        if campaign is None:
-            raise SpecError(f"campaigns: there is no campaign '{slug}'")
+    found = campaigns_named(db, spec.campaigns)
+    for campaign, slug in zip(found, spec.campaigns, strict=True):
         if campaign.mode.value != "demonstration":
             raise SpecError(
                 f"campaigns: '{slug}' is a {campaign.mode.value} campaign; SFT learns from "
                 "demonstration campaigns"
             )
-        found.append(campaign)
     policy = db.get(ModelVersion, spec.model_id)
     if policy is None or policy.kind.value != "policy":
         raise SpecError(f"model_id: there is no policy model version {spec.model_id}")
