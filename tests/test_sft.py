@@ -329,3 +329,20 @@ def test_bad_configs_are_refused(policy, tmp_path):
         SFTConfig(model_name_or_path=policy, lr_scheduler="step")
     with pytest.raises(ValueError, match="no training"):
         train(config(policy), [], [], tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_bf16_and_checkpointing_train_too(policy, tmp_path):
+    """bf16 autocast and gradient checkpointing are on by default with CUDA; packing's probe
+    passes on the GPU's attention kernels too."""
+    result = train(
+        config(policy, packing=True, batch_size=2),
+        demonstrations(24),
+        demonstrations(6, offset=24),
+        tmp_path / "gpu",
+        device="cuda",
+    )
+    m = result.metrics
+    assert m["eval_loss"] < m["eval_loss_before"]
+    meta = json.loads((tmp_path / "gpu" / META_FILE).read_text())
+    assert meta["config"]["bf16"] is None and meta["config"]["gradient_checkpointing"] is None
