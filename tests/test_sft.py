@@ -346,3 +346,12 @@ def test_on_a_gpu_bf16_and_checkpointing_train_too(policy, tmp_path):
     assert m["eval_loss"] < m["eval_loss_before"]
     meta = json.loads((tmp_path / "gpu" / META_FILE).read_text())
     assert meta["config"]["bf16"] is None and meta["config"]["gradient_checkpointing"] is None
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(policy, tmp_path):
+    data = demonstrations(8)
+    settings = {"epochs": 1, "batch_size": 4, "packing": True}
+    train(config(policy, **settings), data, [], tmp_path / "plain")
+    train(config(policy, gradient_checkpointing=True, **settings), data, [], tmp_path / "ckpt")
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "ckpt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -698,8 +698,11 @@ def train(
         "train_seconds": totals["seconds"],
         "steps": done,
     }
-    if checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+    if checkpointing:  # off again, so the saved model is plain
+        if hasattr(model, "activation_checkpointing_disable"):  # transformers 5
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
     if isinstance(saved_dtype, torch.dtype) and saved_dtype in (torch.bfloat16, torch.float16):
         model.to(saved_dtype)
     model.config.use_cache = True
