@@ -50,13 +50,6 @@ from trainer.data import EncodedGroup, Prompt
 from trainer.modeling import ScalarHeadModel, enable_checkpointing, load_reward_model
 from trainer.reward import (
     RewardScorer,
-    _autocast,
-    _json_safe,
-    _resolve_device,
-    _rng_state,
-    _save_checkpoint,
-    _set_rng_state,
-    seed_everything,
 )
 from trainer.rl_math import (
     AdaptiveKLController,
@@ -73,6 +66,16 @@ from trainer.rl_math import (
     per_token_rewards,
     policy_loss,
     value_loss,
+)
+from trainer.runtime import (
+    autocast,
+    json_safe,
+    load_checkpoint,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_checkpoint,
 )
 
 __all__ = [
@@ -518,7 +521,7 @@ def train(
         raise ValueError("give config.reward_model or a reward_fn")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     bf16 = (
         config.bf16
         if config.bf16 is not None
@@ -576,7 +579,7 @@ def train(
         policy = _apply_lora(policy, config)
     policy.to(device)
     value_model.to(device=device, dtype=torch.float32)
-    autocast = (lambda: _autocast(device, True)) if bf16 else nullcontext
+    mixed_precision = (lambda: autocast(device, True)) if bf16 else nullcontext
 
     # ---- optimizer: one AdamW over policy and value model (TRL's PolicyAndValueWrapper)
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
@@ -600,25 +603,19 @@ def train(
     fingerprint = _fingerprint(config, prompts)
     done = 0
     last_metrics: dict[str, float] = {}
-    if checkpoint.exists():
-        # Our own file, written by save_checkpoint; it holds RNG states, not only tensors.
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"{checkpoint} belongs to a run with another config or prompts; "
-                "delete it to start over"
-            )
+    state = load_checkpoint(checkpoint, fingerprint)
+    if state is not None:
         policy.load_state_dict(state["policy"])
         value_model.load_state_dict(state["value"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         kl_ctl.load_state_dict(state["kl"])
         done, last_metrics, history[:] = state["step"], state["metrics"], state["history"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         on_progress(done / total, f"resumed at step {done}/{total}")
 
     def save_checkpoint() -> None:
-        _save_checkpoint(
+        write_checkpoint(
             checkpoint,
             {
                 "fingerprint": fingerprint,
@@ -630,7 +627,7 @@ def train(
                 "step": done,
                 "metrics": last_metrics,
                 "history": history,
-                "rng": _rng_state(),
+                "rng": rng_state(),
             },
         )
 
@@ -658,7 +655,7 @@ def train(
         # ---- 1. rollout: sample responses with the KV cache, stop at EOS
         policy.eval()
         value_model.eval()
-        with timer.phase("generate"), torch.no_grad(), autocast():
+        with timer.phase("generate"), torch.no_grad(), mixed_precision():
             pieces = [
                 policy.generate(
                     input_ids=query[c], attention_mask=query_mask[c], generation_config=generation
@@ -678,7 +675,7 @@ def train(
         # ---- 2. score: old log-probs, reference log-probs, values, rewards
         with timer.phase("score"), torch.no_grad():
             old_logprobs, ref_logprobs, old_values, entropy = [], [], [], []
-            with autocast():
+            with mixed_precision():
                 for c in _chunks(B, fwd):
                     logprobs, logits = response_logprobs(
                         policy, query_response[c], attention[c], P, config.temperature
@@ -724,7 +721,7 @@ def train(
                     for micro in minibatch.split(micro_size):
                         qr, att = query_response[micro], attention[micro]
                         m = fmask[micro]
-                        with autocast():
+                        with mixed_precision():
                             new_logprobs, logits = response_logprobs(
                                 policy, qr, att, P, config.temperature
                             )
@@ -798,7 +795,7 @@ def train(
     tokenizer.save_pretrained(output_dir)
     (output_dir / META_FILE).write_text(
         json.dumps(
-            _json_safe(
+            json_safe(
                 {
                     "format": "prefloop-ppo/1",
                     "config": asdict(config),

@@ -22,17 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +49,17 @@ from trainer.losses import (
     weighted_mean,
 )
 from trainer.modeling import compute_rewards, enable_checkpointing, load_reward_model
+from trainer.runtime import (
+    autocast,
+    json_safe,
+    load_checkpoint,
+    param_groups,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_checkpoint,
+)
 
 __all__ = [
     "RankingGroup",
@@ -167,39 +175,6 @@ class RewardResult:
     history: list[tuple[int, str, float]] = field(default_factory=list)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _autocast(device: torch.device, bf16: bool) -> AbstractContextManager[Any]:
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def _prepare(groups: Sequence[EncodedGroup], config: RewardConfig) -> list[EncodedGroup]:
     """Apply the config's switches to the data once, so the loop need not know them."""
     for g in groups:
@@ -239,7 +214,7 @@ def _group_rewards(
     out: list[torch.Tensor] = [torch.empty(0)] * len(groups)
     for chunk in _chunks(order, batch_size):
         batch = collate([groups[i] for i in chunk], pad_token_id).to(device)
-        with _autocast(device, bf16):
+        with autocast(device, bf16):
             rewards = compute_rewards(model, batch.input_ids, batch.attention_mask).cpu()
         for i, part in zip(
             chunk, rewards.split([len(groups[i].ranks) for i in chunk]), strict=True
@@ -288,7 +263,7 @@ class RewardScorer:
         meta_path = Path(model_dir) / META_FILE
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         settings = meta.get("config", {})
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.model, self.tokenizer = load_reward_model(model_dir)
         self.model.to(self.device).eval()
         self.formatter = RewardFormatter(
@@ -351,31 +326,6 @@ def _fingerprint(config: RewardConfig, groups: Sequence[EncodedGroup]) -> str:
     return digest.hexdigest()
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # Decay matrices only, as HF Trainer does: biases and norm gains stay free.
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (no eval data, no gold) as null: strict JSON readers reject NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write keeps the previous checkpoint
-
-
 def _normalization(
     model: nn.Module,
     groups: Sequence[EncodedGroup],
@@ -424,7 +374,7 @@ def train(
     passed through to the metrics to read the accuracy against."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     bf16 = (
         config.bf16
         if config.bf16 is not None
@@ -469,9 +419,7 @@ def train(
     # ---- optimizer: AdamW, linear warmup then linear decay to 0
     from transformers import get_linear_schedule_with_warmup
 
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, config.weight_decay), lr=config.learning_rate
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps
     )
@@ -482,24 +430,18 @@ def train(
     totals = {"seconds": 0.0, "pairs": 0, "tokens": 0, "loss_sum": 0.0, "loss_steps": 0}
     done = 0
     last_eval: dict[str, float] = {}
-    if checkpoint.exists():
-        # Our own file, written by _save_checkpoint; it holds RNG states, not only tensors.
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"{checkpoint} belongs to a run with another config or data; "
-                "delete it to start over"
-            )
+    state = load_checkpoint(checkpoint, fingerprint)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         done, totals, last_eval = state["step"], state["totals"], state["last_eval"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         on_progress(done / total_steps, f"resumed at step {done}/{total_steps}")
     resumed_from = done
 
     def save_checkpoint() -> None:
-        _save_checkpoint(
+        write_checkpoint(
             checkpoint,
             {
                 "fingerprint": fingerprint,
@@ -509,7 +451,7 @@ def train(
                 "step": done,
                 "totals": totals,
                 "last_eval": last_eval,
-                "rng": _rng_state(),
+                "rng": rng_state(),
             },
         )
 
@@ -562,7 +504,7 @@ def train(
             step_loss = 0.0
             for groups in micro:
                 batch = collate(groups, pad_id).to(device)
-                with _autocast(device, bf16):
+                with autocast(device, bf16):
                     rewards = compute_rewards(model, batch.input_ids, batch.attention_mask)  # (N,)
                 group_loss, has_pairs = grouped_ranking_loss(
                     rewards,
@@ -642,7 +584,7 @@ def train(
     tokenizer.save_pretrained(output_dir)
     (output_dir / META_FILE).write_text(
         json.dumps(
-            _json_safe(
+            json_safe(
                 {
                     "format": "prefloop-reward/1",
                     "config": asdict(config),

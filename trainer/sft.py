@@ -59,15 +59,16 @@ from torch import nn
 from trainer.data import length_grouped_batches
 from trainer.generate import Prompt, as_messages, as_text
 from trainer.modeling import enable_checkpointing
-from trainer.reward import (
-    _autocast,
-    _json_safe,
-    _param_groups,
-    _resolve_device,
-    _rng_state,
-    _save_checkpoint,
-    _set_rng_state,
+from trainer.runtime import (
+    autocast,
+    json_safe,
+    load_checkpoint,
+    param_groups,
+    resolve_device,
+    rng_state,
     seed_everything,
+    set_rng_state,
+    write_checkpoint,
 )
 
 __all__ = [
@@ -474,7 +475,7 @@ def evaluate(
     order = sorted(examples, key=lambda e: e.length)
     for start in range(0, len(order), batch_size):
         batch = collate(order[start : start + batch_size], pad_id).to(device)
-        with _autocast(device, bf16):
+        with autocast(device, bf16):
             logits = model(**batch.model_inputs(), use_cache=False).logits
         total += token_loss_sum(logits, batch.labels).item()
     model.train(was_training)
@@ -501,7 +502,7 @@ def train(
     again with the same arguments resumes it and ends with the same weights."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     cuda = device.type == "cuda"
     bf16 = config.bf16 if config.bf16 is not None else (cuda and torch.cuda.is_bf16_supported())
     checkpointing = (
@@ -554,9 +555,7 @@ def train(
         return collate([train_data[units[u][0]] for u in indices], pad_id)
 
     # ---- optimizer: AdamW, linear warmup then cosine or linear decay
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, config.weight_decay), lr=config.learning_rate
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate)
     scheduler = _scheduler(optimizer, config, total_steps)
 
     # ---- resume from a checkpoint of the same run, if there is one
@@ -566,25 +565,19 @@ def train(
     done = 0
     last_eval: dict[str, float] = {}
     before: dict[str, float] = {}
-    if checkpoint.exists():
-        # Our own file, written by _save_checkpoint; it holds RNG states, not only tensors.
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"{checkpoint} belongs to a run with another config or data; "
-                "delete it to start over"
-            )
+    state = load_checkpoint(checkpoint, fingerprint)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         done, totals, last_eval = state["step"], state["totals"], state["last_eval"]
         before = state["before"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         on_progress(done / total_steps, f"resumed at step {done}/{total_steps}")
     resumed_from = done
 
     def save_checkpoint() -> None:
-        _save_checkpoint(
+        write_checkpoint(
             checkpoint,
             {
                 "fingerprint": fingerprint,
@@ -595,7 +588,7 @@ def train(
                 "totals": totals,
                 "last_eval": last_eval,
                 "before": before,
-                "rng": _rng_state(),
+                "rng": rng_state(),
             },
         )
 
@@ -638,7 +631,7 @@ def train(
             step_loss = 0.0
             for batch in micro:
                 batch = batch.to(device)
-                with _autocast(device, bf16):
+                with autocast(device, bf16):
                     logits = model(**batch.model_inputs(), use_cache=False).logits  # (B, T, V)
                 loss = token_loss_sum(logits, batch.labels) / normalizer
                 loss.backward()
@@ -710,7 +703,7 @@ def train(
     tokenizer.save_pretrained(output_dir)
     (output_dir / META_FILE).write_text(
         json.dumps(
-            _json_safe(
+            json_safe(
                 {
                     "format": "prefloop-sft/1",
                     "config": asdict(config),
