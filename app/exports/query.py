@@ -346,8 +346,11 @@ def comparison_filters(ctx: Context, *, keep_ties: bool) -> list[ColumnElement[b
 
 def _stream(db: Session, statement: Any) -> Iterator[Any]:
     # Core rows through the session's connection (no ORM loading layer), fetched in batches
-    # from a server-side cursor.
-    yield from db.connection().execute(statement.execution_options(yield_per=YIELD_PER))
+    # from a server-side cursor; by partition, since row-at-a-time iteration costs a fetch
+    # call per row (a third of a Parquet export's time).
+    result = db.connection().execute(statement.execution_options(yield_per=YIELD_PER))
+    for partition in result.partitions():
+        yield from partition
 
 
 def flagged_completions(ctx: Context) -> set[int]:
