@@ -7,6 +7,7 @@ status panel) and the page answers with that block of the same template."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -144,37 +145,71 @@ def new_reward_job(
     return render(request, NEW_TEMPLATE, new_context(db, form_defaults(campaign)), db=db)
 
 
-def spec_input(form: Any) -> dict[str, Any]:
-    """The form as a RewardJobSpec's input: empty fields keep their defaults."""
-    data_names = {name for name, *_ in DATA_FIELDS}
-    training_names = {name for name, *_ in TRAINING_FIELDS} | {"ties", "use_margin"}
+def spec_input(
+    form: Any,
+    *,
+    top: set[str],
+    training: set[str],
+    top_checks: tuple[str, ...] = (),
+    training_checks: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """A job form as its spec's input: `campaigns` (checkboxes), the `top` fields, the
+    `training` options under "training"; empty fields keep their defaults, and a checkbox is
+    true when it was sent."""
     raw: dict[str, Any] = {"campaigns": [str(v) for v in form.getlist("campaigns")]}
-    training_raw: dict[str, Any] = {}
+    options: dict[str, Any] = {}
     for key, value in form.multi_items():
         if not isinstance(value, str) or not value.strip() or key == "csrf_token":
             continue
-        if key in training_names:
-            training_raw[key] = value.strip()
-        elif key in data_names | {"backbone", "labeler_weights", "name"}:
+        if key in training:
+            options[key] = value.strip()
+        elif key in top:
             raw[key] = value.strip()
-    raw["include_excluded"] = form.get("include_excluded") is not None
-    training_raw["use_margin"] = form.get("use_margin") is not None
-    raw["training"] = training_raw
+    raw.update({name: form.get(name) is not None for name in top_checks})
+    options.update({name: form.get(name) is not None for name in training_checks})
+    raw["training"] = options
     return raw
 
 
-def _create(request: Request, db: Any, principal: Any, raw: dict[str, Any]) -> Response:
+def queue_from_form(
+    request: Request,
+    db: Any,
+    principal: Any,
+    raw: dict[str, Any],
+    *,
+    queue: Callable[[Any, dict[str, Any], int], Job],
+    again: Callable[[Any, dict[str, Any], str], tuple[str, dict[str, Any]]],
+    what: str,
+) -> Response:
+    """Queue a job from a form's input and go to its page; a bad field (a pydantic
+    ValidationError is a ValueError) shows the form again with the reason and queues nothing."""
     try:
-        spec = RewardJobSpec.model_validate(raw)
-        job = training.queue_reward_training(db, spec, actor_id=principal.user.id)
-    except (SpecError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+        job = queue(db, raw, principal.user.id)
+    except (SpecError, ValueError) as error:
         db.rollback()
         message = str(error) if isinstance(error, SpecError) else _first_errors(error)
-        form = {**form_defaults(None), **raw, **raw.get("training", {})}
-        return render(request, NEW_TEMPLATE, new_context(db, form, message), status_code=422, db=db)
-    flash(db, principal, f"Job #{job.id} is queued: a worker (`prefloop worker`) will train it.")
+        template, context = again(db, {**raw, **raw.get("training", {})}, message)
+        return render(request, template, context, status_code=422, db=db)
+    flash(db, principal, f"Job #{job.id} is queued: a worker (`prefloop worker`) will {what}.")
     db.commit()
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+def _create(request: Request, db: Any, principal: Any, raw: dict[str, Any]) -> Response:
+    return queue_from_form(
+        request,
+        db,
+        principal,
+        raw,
+        queue=lambda db, raw, actor: training.queue_reward_training(
+            db, RewardJobSpec.model_validate(raw), actor_id=actor
+        ),
+        again=lambda db, form, message: (
+            NEW_TEMPLATE,
+            new_context(db, {**form_defaults(None), **form}, message),
+        ),
+        what="train it",
+    )
 
 
 def _first_errors(error: Exception) -> str:
@@ -189,7 +224,13 @@ async def create_reward_job(
     request: Request, db: DbSession, principal: CurrentPrincipal
 ) -> Response:
     """Queue a reward-model job from the form; a bad field shows the form again, queues nothing."""
-    raw = spec_input(await request.form())
+    raw = spec_input(
+        await request.form(),
+        top={name for name, *_ in DATA_FIELDS} | {"backbone", "labeler_weights", "name"},
+        training={name for name, *_ in TRAINING_FIELDS} | {"ties", "use_margin"},
+        top_checks=("include_excluded",),
+        training_checks=("use_margin",),
+    )
     return await run_in_threadpool(_create, request, db, principal, raw)
 
 
@@ -537,43 +578,29 @@ def new_ppo_job(
     return render(request, PPO_TEMPLATE, ppo_context(db, form), db=db)
 
 
-def ppo_input(form: Any) -> dict[str, Any]:
-    """The form as a PPOJobSpec's input: empty fields keep their defaults."""
-    training_names = {name for name, *_ in PPO_FIELDS}
-    raw: dict[str, Any] = {"campaigns": [str(v) for v in form.getlist("campaigns")]}
-    options: dict[str, Any] = {}
-    for key, value in form.multi_items():
-        if not isinstance(value, str) or not value.strip() or key == "csrf_token":
-            continue
-        if key in training_names:
-            options[key] = value.strip()
-        elif key in {"policy_id", "reward_model_id", "name", "kl_budget", "max_prompts"}:
-            raw[key] = value.strip()
-    options["adaptive_kl"] = form.get("adaptive_kl") is not None
-    options["use_lora"] = form.get("use_lora") is not None
-    raw["training"] = options
-    return raw
-
-
 def _create_ppo(request: Request, db: Any, principal: Any, raw: dict[str, Any]) -> Response:
-    try:
-        spec = PPOJobSpec.model_validate(raw)
-        job = training.queue_ppo(db, spec, actor_id=principal.user.id)
-    except (SpecError, ValueError) as error:
-        db.rollback()
-        message = str(error) if isinstance(error, SpecError) else _first_errors(error)
-        form = {**raw, **raw.get("training", {})}
-        context = ppo_context(db, form, message)
-        return render(request, PPO_TEMPLATE, context, status_code=422, db=db)
-    flash(db, principal, f"Job #{job.id} is queued: a worker (`prefloop worker`) will run PPO.")
-    db.commit()
-    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+    return queue_from_form(
+        request,
+        db,
+        principal,
+        raw,
+        queue=lambda db, raw, actor: training.queue_ppo(
+            db, PPOJobSpec.model_validate(raw), actor_id=actor
+        ),
+        again=lambda db, form, message: (PPO_TEMPLATE, ppo_context(db, form, message)),
+        what="run PPO",
+    )
 
 
 @router.post("/jobs/new/ppo")
 async def create_ppo_job(request: Request, db: DbSession, principal: CurrentPrincipal) -> Response:
     """Queue PPO from the form; a bad field shows the form again and queues nothing."""
-    raw = ppo_input(await request.form())
+    raw = spec_input(
+        await request.form(),
+        top={"policy_id", "reward_model_id", "name", "kl_budget", "max_prompts"},
+        training={name for name, *_ in PPO_FIELDS},
+        training_checks=("adaptive_kl", "use_lora"),
+    )
     return await run_in_threadpool(_create_ppo, request, db, principal, raw)
 
 
@@ -636,41 +663,28 @@ def new_sft_job(
     return render(request, SFT_TEMPLATE, sft_context(db, sft_defaults(model, campaign)), db=db)
 
 
-def sft_input(form: Any) -> dict[str, Any]:
-    """The form as an SFTJobSpec's input: empty fields keep their defaults."""
-    data_names = {name for name, *_ in SFT_DATA_FIELDS} | {"model_id", "name"}
-    training_names = {name for name, *_ in SFT_FIELDS}
-    raw: dict[str, Any] = {"campaigns": [str(v) for v in form.getlist("campaigns")]}
-    options: dict[str, Any] = {}
-    for key, value in form.multi_items():
-        if not isinstance(value, str) or not value.strip() or key == "csrf_token":
-            continue
-        if key in training_names:
-            options[key] = value.strip()
-        elif key in data_names:
-            raw[key] = value.strip()
-    raw["include_excluded"] = form.get("include_excluded") is not None
-    options["packing"] = form.get("packing") is not None
-    raw["training"] = options
-    return raw
-
-
 def _create_sft(request: Request, db: Any, principal: Any, raw: dict[str, Any]) -> Response:
-    try:
-        spec = SFTJobSpec.model_validate(raw)
-        job = training.queue_sft(db, spec, actor_id=principal.user.id)
-    except (SpecError, ValueError) as error:
-        db.rollback()
-        message = str(error) if isinstance(error, SpecError) else _first_errors(error)
-        form = {**raw, **raw.get("training", {})}
-        return render(request, SFT_TEMPLATE, sft_context(db, form, message), status_code=422, db=db)
-    flash(db, principal, f"Job #{job.id} is queued: a worker (`prefloop worker`) will fine-tune.")
-    db.commit()
-    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+    return queue_from_form(
+        request,
+        db,
+        principal,
+        raw,
+        queue=lambda db, raw, actor: training.queue_sft(
+            db, SFTJobSpec.model_validate(raw), actor_id=actor
+        ),
+        again=lambda db, form, message: (SFT_TEMPLATE, sft_context(db, form, message)),
+        what="fine-tune",
+    )
 
 
 @router.post("/jobs/new/sft")
 async def create_sft_job(request: Request, db: DbSession, principal: CurrentPrincipal) -> Response:
     """Queue SFT from the form; a bad field shows the form again and queues nothing."""
-    raw = sft_input(await request.form())
+    raw = spec_input(
+        await request.form(),
+        top={name for name, *_ in SFT_DATA_FIELDS} | {"model_id", "name"},
+        training={name for name, *_ in SFT_FIELDS},
+        top_checks=("include_excluded",),
+        training_checks=("packing",),
+    )
     return await run_in_threadpool(_create_sft, request, db, principal, raw)
