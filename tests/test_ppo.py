@@ -17,51 +17,44 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.tiny_models import causal_lm, reward_model, tokenizer_for  # noqa: E402
-from trainer.ppo import (  # noqa: E402
-    CHECKPOINT_DIR,
-    META_FILE,
-    PPOConfig,
-    _left_pad,
-    _prompt_indices,
-    _response_mask,
-    encode_prompt,
-    response_logprobs,
-    reward_model_function,
-    train,
+from tests.tiny_models import reward_model, tokenizer_for  # noqa: E402
+from tests.tiny_rl import (  # noqa: E402
+    LINEAR_ADAMW,
+    PROMPTS,
+    one_torch_thread,
+    resume_refusal,
+    save_tiny_policy,
+    says_sunny,
+    series,
+    stop_at_ask,
+    sunny_samples,
+    train_recording,
+    update_two_ways,
+    vocabulary,
+    weights,
 )
+from trainer.ppo import CHECKPOINT_DIR, META_FILE, PPOConfig, train  # noqa: E402
 from trainer.reward import META_FILE as REWARD_META  # noqa: E402
 from trainer.reward import RewardScorer  # noqa: E402
-
-FILLER = ["rain", "cloud", "wind", "cold", "grey", "fog", "storm", "hail", "mist", "wet", "dark"]
-TARGET = "sunny"
-PROMPTS = [f"tell me about the weather topic{i}" for i in range(7)]
-
-
-def vocabulary() -> list[str]:
-    return [*FILLER, TARGET, "tell me about the weather please", *(f"topic{i}" for i in range(7))]
-
-
-def says_sunny(prompts: list, responses: list[str]) -> torch.Tensor:
-    return torch.tensor([float(TARGET in r.split()) for r in responses])
+from trainer.rollout import (  # noqa: E402
+    encode_prompt,
+    left_pad,
+    prompt_indices,
+    response_logprobs,
+    response_mask,
+    reward_model_function,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Iterator[None]:
-    """Tiny models: threads only contend (2 shared cores); results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("policy")
-    tokenizer = tokenizer_for(vocabulary())
-    causal_lm(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_policy(tmp_path_factory.mktemp("policy"))
 
 
 @pytest.fixture(scope="module")
@@ -110,24 +103,12 @@ def config(policy: Path, **overrides: object) -> PPOConfig:
     return PPOConfig(**(settings | overrides))
 
 
-def series(history: list[tuple[int, str, float]], name: str) -> list[float]:
-    return [value for _, n, value in history if n == name]
-
-
 def test_ppo_raises_the_reward_and_keeps_kl_under_its_target(
     policy_dir: Path, tmp_path: Path
 ) -> None:
-    seen: list[tuple[int, str, float]] = []
-    progress: list[float] = []
     cfg = config(policy_dir)
-    result = train(
-        cfg,
-        PROMPTS,
-        tmp_path / "out",
-        reward_fn=says_sunny,
-        device="cpu",
-        on_metric=lambda step, name, value: seen.append((step, name, value)),
-        on_progress=lambda fraction, message: progress.append(fraction),
+    result, seen, progress = train_recording(
+        train, cfg, tmp_path / "out", reward_fn=says_sunny, device="cpu"
     )
     assert not result.stopped and result.steps == 25 and progress[-1] == 1.0
     reward, kl, beta = (series(seen, n) for n in ("reward/raw", "kl/k1", "kl/beta"))
@@ -160,72 +141,37 @@ def test_ppo_raises_the_reward_and_keeps_kl_under_its_target(
     assert all(1 <= v <= 8 for v in series(seen, "response/length"))
 
     # The saved policy loads as a plain causal LM and says the word.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = tmp_path / "out"
     meta = json.loads((out / META_FILE).read_text())
     assert meta["config"]["kl_target"] == 6.0 and meta["steps"] == 25
     assert meta["metrics"]["reward/raw"] == reward[-1]
     assert not (out / CHECKPOINT_DIR).exists()
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
-    ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[0], 64, "\n\n")])
-    torch.manual_seed(1)
-    sampled = model.generate(ids, do_sample=True, max_new_tokens=8, num_return_sequences=16)
-    texts = tokenizer.batch_decode(sampled[:, ids.shape[1] :], skip_special_tokens=True)
-    assert sum(TARGET in t.split() for t in texts) >= 10
+    assert sunny_samples(out) >= 10
 
 
 def test_stop_and_resume_match_an_uninterrupted_run(policy_dir: Path, tmp_path: Path) -> None:
     cfg = config(policy_dir, total_steps=6, rollout_batch_size=8, minibatch_size=4)
     whole = train(cfg, PROMPTS, tmp_path / "whole", reward_fn=says_sunny, device="cpu")
-
-    asked = {"n": 0}
-
-    def stop_before_step_four() -> bool:
-        asked["n"] += 1
-        return asked["n"] == 4
-
+    split = tmp_path / "split"
     first = train(
-        cfg,
-        PROMPTS,
-        tmp_path / "split",
-        reward_fn=says_sunny,
-        device="cpu",
-        should_stop=stop_before_step_four,
+        cfg, PROMPTS, split, reward_fn=says_sunny, device="cpu", should_stop=stop_at_ask(4)
     )
     assert first.stopped and first.steps == 3
-    assert (tmp_path / "split" / CHECKPOINT_DIR / "state.pt").exists()
-    assert not (tmp_path / "split" / META_FILE).exists()
-    second = train(cfg, PROMPTS, tmp_path / "split", reward_fn=says_sunny, device="cpu")
+    assert (split / CHECKPOINT_DIR / "state.pt").exists()
+    assert not (split / META_FILE).exists()
+    second = train(cfg, PROMPTS, split, reward_fn=says_sunny, device="cpu")
     assert not second.stopped and second.steps == 6
-
-    from safetensors.torch import load_file
-
-    a = load_file(tmp_path / "whole" / "model.safetensors")
-    b = load_file(tmp_path / "split" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    # the same tensor names, each equal
+    torch.testing.assert_close(weights(split), weights(tmp_path / "whole"), atol=1e-6, rtol=0)
     # Same rollouts, same beta (the controller's state was saved), same metrics history.
     for name in ("reward/raw", "kl/k1", "kl/beta", "value/loss"):
         assert series(second.history, name) == pytest.approx(series(whole.history, name))
     # Another config does not resume this checkpoint.
-    train(
-        cfg,
-        PROMPTS,
-        tmp_path / "other",
-        reward_fn=says_sunny,
-        device="cpu",
-        should_stop=lambda: True,
+    other = PPOConfig(**{**cfg.__dict__, "seed": 1})
+    refusal = resume_refusal(
+        train, cfg, other, tmp_path / "other", reward_fn=says_sunny, device="cpu"
     )
-    with pytest.raises(ValueError, match="another config"):
-        train(
-            PPOConfig(**{**cfg.__dict__, "seed": 1}),
-            PROMPTS,
-            tmp_path / "other",
-            reward_fn=says_sunny,
-            device="cpu",
-        )
+    assert "another config" in refusal
 
 
 def test_recomputed_logprobs_match_sampling_with_left_padding(policy_dir: Path) -> None:
@@ -236,7 +182,7 @@ def test_recomputed_logprobs_match_sampling_with_left_padding(policy_dir: Path) 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
     prompts = ["weather", "tell me about the weather topic1 please rain rain", "fog"]
-    query, mask = _left_pad([encode_prompt(tokenizer, p, 64, "\n\n") for p in prompts], 1)
+    query, mask = left_pad([encode_prompt(tokenizer, p, 64, "\n\n") for p in prompts], 1)
     P = query.shape[1]
     torch.manual_seed(0)
     out = model.generate(
@@ -254,31 +200,31 @@ def test_recomputed_logprobs_match_sampling_with_left_padding(policy_dir: Path) 
         return_dict_in_generate=True,
     )
     response = out.sequences[:, P:]
-    response_mask, _ = _response_mask(response, tokenizer.eos_token_id)
+    mask_r, _ = response_mask(response, tokenizer.eos_token_id)
     sampled = torch.log_softmax(torch.stack(out.scores, dim=1), dim=-1)  # (B, R, V)
     sampled = sampled.gather(-1, response.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         logprobs, _ = response_logprobs(
-            model, out.sequences, torch.cat([mask, response_mask], 1), P, temperature=0.7
+            model, out.sequences, torch.cat([mask, mask_r], 1), P, temperature=0.7
         )
-    real = response_mask.bool()
+    real = mask_r.bool()
     torch.testing.assert_close(logprobs[real], sampled[real], atol=1e-4, rtol=0)
 
 
 def test_response_mask_ends_at_the_first_eos() -> None:
     eos = 2
     response = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8], [2, 1, 1, 1]])
-    mask, contains = _response_mask(response, eos)
+    mask, contains = response_mask(response, eos)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert contains.tolist() == [True, False, True]
 
 
 def test_prompt_order_is_a_seeded_shuffle_per_pass() -> None:
-    first_pass = _prompt_indices(7, 0, 7, seed=3)
+    first_pass = prompt_indices(7, 0, 7, seed=3)
     assert sorted(first_pass) == list(range(7))
-    assert _prompt_indices(7, 0, 7, seed=3) == first_pass  # depends on nothing but its inputs
+    assert prompt_indices(7, 0, 7, seed=3) == first_pass  # depends on nothing but its inputs
     # step 1 with batch 4 covers positions 4..7: the end of pass 0 and the start of pass 1
-    assert _prompt_indices(7, 1, 4, seed=3)[:3] == first_pass[4:]
+    assert prompt_indices(7, 1, 4, seed=3)[:3] == first_pass[4:]
 
 
 def test_encode_prompt_uses_the_chat_template_and_keeps_the_end(policy_dir: Path) -> None:
@@ -364,22 +310,17 @@ def test_config_fields_document_themselves_and_validate(tmp_path: Path) -> None:
 def test_accumulation_and_checkpointing_give_the_same_update(
     policy_dir: Path, tmp_path: Path
 ) -> None:
-    """micro_batch_size splits a minibatch into accumulated passes and gradient
-    checkpointing recomputes activations: neither changes what one step learns."""
-    from safetensors.torch import load_file
-
-    cfg = config(policy_dir, total_steps=1, rollout_batch_size=8, minibatch_size=8)
-    train(cfg, PROMPTS, tmp_path / "plain", reward_fn=says_sunny, device="cpu")
-    other = config(
-        policy_dir,
-        total_steps=1,
-        rollout_batch_size=8,
-        minibatch_size=8,
-        micro_batch_size=2,
-        gradient_checkpointing=True,
+    """micro_batch_size splits a minibatch into accumulated passes (here unevenly, 3 + 3 + 2
+    responses of different lengths, each weighted by its share of the minibatch's tokens) and
+    gradient checkpointing recomputes activations: neither changes what one step learns."""
+    # One AdamW step linear in the gradient (LINEAR_ADAMW), on a dense reward that gives
+    # every response an advantage: a mis-weighted accumulation would show in the weights.
+    one_step = {"total_steps": 1, "rollout_batch_size": 8, "minibatch_size": 8, "ppo_epochs": 1}
+    plain = config(policy_dir, **one_step, **LINEAR_ADAMW)
+    micro = config(
+        policy_dir, **one_step, **LINEAR_ADAMW, micro_batch_size=3, gradient_checkpointing=True
     )
-    train(other, PROMPTS, tmp_path / "micro", reward_fn=says_sunny, device="cpu")
-    a = load_file(tmp_path / "plain" / "model.safetensors")
-    b = load_file(tmp_path / "micro" / "model.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
+    a, b = update_two_ways(train, plain, micro, tmp_path)
+    start = weights(policy_dir)
+    assert any(not torch.equal(a[name], start[name]) for name in a)  # the step did learn
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)  # every tensor, the same names

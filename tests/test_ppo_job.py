@@ -7,37 +7,25 @@ length alone) on hand-made metric series."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from app.auth import service as auth_service
-from app.auth.models import Role
-from app.db import Database
-from app.jobs.models import Job, JobState, ModelKind, ModelVersion
+from app.jobs.models import Job, JobState
 from app.jobs.specs import PPOJobSpec, PPOTraining, SpecError, parse_ppo_spec
 from app.jobs.training import ppo_warnings
 from app.main import create_app
-from tests.conftest import make_settings
 from tests.factories import make_campaign, make_task
-from tests.tiny_models import causal_lm, reward_model, tokenizer_for
+from tests.rl_jobs import PROMPTS, defaults_unlike_the_trainers, register_models, work_once
 from trainer.ppo import PPOConfig
 from trainer.ppo_job import campaign_prompts, ppo_config
-from trainer.reward import META_FILE as REWARD_META
-from trainer.worker import run_worker
-
-WORDS = ["sunny", "rain", "cloud", "wind", "cold", "tell", "me", "about", "the", "weather"]
-FAST = {"lease_seconds": 30.0, "heartbeat_seconds": 0.3, "poll_interval": 0.05}
 
 
 def test_the_spec_mirrors_the_trainers_config():
-    trainer_fields = {f.name: f for f in dataclasses.fields(PPOConfig)}
-    assert set(trainer_fields) - set(PPOTraining.model_fields) == {"policy", "reward_model"}
-    job_defaults = {"checkpoint_every": 10}  # a job checkpoints, so a killed worker loses little
-    for name, field in PPOTraining.model_fields.items():
-        assert field.default == job_defaults.get(name, trainer_fields[name].default), name
+    trainer_fields = {f.name for f in dataclasses.fields(PPOConfig)}
+    assert trainer_fields - set(PPOTraining.model_fields) == {"policy", "reward_model"}
+    assert defaults_unlike_the_trainers(PPOConfig, PPOTraining) == []
     spec = PPOJobSpec(policy_id=1, reward_model_id=2, campaigns=["x"])
     assert ppo_config(spec, "/p", "/r").reward_model == "/r"
     with pytest.raises(SpecError, match="minibatch_size"):
@@ -90,47 +78,11 @@ def test_campaign_prompts_are_each_text_once_oldest_first(db):
     assert campaign_prompts(db, [campaign.id], 2) == ["first", chat]
 
 
-@pytest.fixture
-def live(fresh_database_url, tmp_path):
-    database = Database(fresh_database_url)
-    settings = make_settings(database_url=fresh_database_url, data_dir=tmp_path / "data")
-    yield database, settings
-    database.dispose()
-
-
-def save_models(data_dir: Path) -> tuple[str, str]:
-    """A tiny policy and a reward model on its tokenizer, as registered folders."""
-    tokenizer = tokenizer_for([" ".join(WORDS)])
-    policy, reward = data_dir / "models" / "base", data_dir / "models" / "rm"
-    causal_lm(tokenizer).save_pretrained(policy)
-    tokenizer.save_pretrained(policy)
-    reward_model(tokenizer, seed=3).save_pretrained(reward)
-    tokenizer.save_pretrained(reward)
-    meta = {"config": {"max_length": 32}, "normalization": {"mean": 0.0, "std": 1.0}}
-    (reward / REWARD_META).write_text(json.dumps(meta))
-    return "models/base", "models/rm"
-
-
 def test_a_ppo_job_makes_a_new_policy_version(live):
-    database, settings = live
-    policy_path, reward_path = save_models(Path(settings.data_dir))
-    with database.session() as db:
-        campaign = make_campaign(db, slug="ppo-live", k=2)
-        for n in range(6):
-            make_task(db, campaign, prompt=f"tell me about the weather {n}", completions=["a", "b"])
-        base = ModelVersion(name="base", kind=ModelKind.policy, path=policy_path, algorithm="base")
-        rm = ModelVersion(
-            name="rm", kind=ModelKind.reward, path=reward_path, campaign_id=campaign.id
-        )
-        db.add_all([base, rm])
-        researcher = auth_service.create_user(
-            db, username="ppo-r", role=Role.researcher, password=None
-        )
-        token = auth_service.create_api_token(db, researcher, name="ppo")
-        db.commit()
-        base_id, rm_id = base.id, rm.id
+    database, settings = live  # tests/conftest.py: a database of its own, a data folder
+    registered = register_models(database, settings, "ppo", reward_std=1.0)
+    base_id, rm_id, auth = registered.base_id, registered.rm_id, registered.auth
     client = TestClient(create_app(settings, database))
-    auth = {"Authorization": f"Bearer {token.secret}"}
     config = {
         "policy_id": base_id,
         "reward_model_id": rm_id,
@@ -155,15 +107,12 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]
 
-    ran = run_worker(
-        settings, "ppo-worker", once=True, database=database, install_signals=False, **FAST
-    )
-    assert ran == 1
+    assert work_once(settings, database, "ppo-worker") == 1
     job = client.get(f"/api/v1/jobs/{job_id}", headers=auth).json()
     assert job["state"] == "succeeded", job["error"]
     [model] = job["models"]
     assert model["kind"] == "policy" and model["algorithm"] == "ppo"
-    assert model["parent_id"] == base_id and model["metrics"]["data"]["prompts"] == 6
+    assert model["parent_id"] == base_id and model["metrics"]["data"]["prompts"] == PROMPTS
     assert "reward/raw" in model["metrics"]["eval"] and "kl/k1" in model["metrics"]["eval"]
     series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=auth).json()["series"]
     assert len(series["kl/k1"]) == 3 and len(series["reward/normalized"]) == 3

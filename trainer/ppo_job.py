@@ -9,25 +9,56 @@ campaigns' prompts, and becomes a new policy version.
 3. The policy moves to `PREFLOOP_DATA_DIR/models/ppo-<job>-<attempt>` and a
    `ModelVersion(kind=policy, algorithm=ppo, parent=the starting policy)` is recorded with the
    fenced success.
+
+Steps 1 and 3 are the same for every policy-optimisation job (`rloo` too): `read_job_inputs`
+and `publish_policy`, below `run`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.jobs.models import ModelKind, ModelVersion
-from app.jobs.specs import PPOJobSpec, parse_ppo_spec
+from app.jobs.specs import PPOJobSpec, RLOOJobSpec, parse_ppo_spec
 from app.labeling.models import Prompt
 from trainer.model_versions import finite, publish
 from trainer.ppo import PPOConfig, train
+from trainer.rollout import OnPolicyConfig
 
 PROMPTS_FILE = "prompts.json"
+
+PolicyJobSpec = PPOJobSpec | RLOOJobSpec
+C = TypeVar("C", bound=OnPolicyConfig)
+
+
+def ppo_config(spec: PPOJobSpec, policy: str, reward_model: str) -> PPOConfig:
+    """The trainer's config from the spec's training options (same names, checked by tests)."""
+    return trainer_config(PPOConfig, spec, policy, reward_model)
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    """The worker's entry point for `ppo` jobs (ctx: trainer.worker.JobContext)."""
+    spec = parse_ppo_spec(ctx.config)
+    job = read_job_inputs(ctx, spec)
+    ctx.log.info(
+        "ppo: %d prompts, policy %s, reward model %s",
+        len(job.prompts),
+        job.policy_path,
+        job.reward_path,
+    )
+    config = ppo_config(spec, job.policy_path, job.reward_path)
+    result = train(config, job.prompts, job.work_dir, **train_callbacks(ctx))
+    return publish_policy(ctx, spec, result, job, "ppo")
+
+
+# ---------------------------------------------------------------------------------------
+# What every policy-optimisation job (ppo, rloo) shares
 
 
 def resolve_model_path(path: str, data_dir: Path) -> str:
@@ -35,6 +66,43 @@ def resolve_model_path(path: str, data_dir: Path) -> str:
     anything else (an absolute folder, a hub id) is used as it is."""
     local = Path(data_dir) / path
     return str(local) if not Path(path).is_absolute() and local.exists() else path
+
+
+@dataclass
+class JobInputs:
+    """What a policy-optimisation job trains: read once per attempt by read_job_inputs."""
+
+    prompts: list[Any]
+    policy_path: str
+    reward_path: str
+    work_dir: Path  # the trainer's output folder, shared by every attempt
+
+
+def read_job_inputs(ctx: Any, spec: PolicyJobSpec) -> JobInputs:
+    """The job's prompts and model folders; its trainer works in <checkpoint folder>/run."""
+    checkpoint = Path(ctx.checkpoint_dir)
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    with ctx.database.session() as db:
+        policy_path, reward_path = job_model_paths(db, spec, Path(ctx.settings.data_dir))
+        prompts = job_prompts(db, spec, checkpoint)
+    return JobInputs(prompts, policy_path, reward_path, checkpoint / "run")
+
+
+def trainer_config(config: type[C], spec: PolicyJobSpec, policy: str, reward_model: str) -> C:
+    """A trainer's config (PPOConfig, RLOOConfig) from the spec's training options, which
+    have the config's field names (tests hold them equal)."""
+    names = {f.name for f in fields(config)}
+    options = {k: v for k, v in spec.training.model_dump().items() if k in names}
+    return config(policy=policy, reward_model=reward_model, **options)
+
+
+def job_model_paths(db: Session, spec: PolicyJobSpec, data_dir: Path) -> tuple[str, str]:
+    """The folders of the spec's policy and reward model versions, as the worker reads them."""
+    policy = db.get(ModelVersion, spec.policy_id)
+    reward = db.get(ModelVersion, spec.reward_model_id)
+    if policy is None or reward is None:
+        raise ValueError("the policy or the reward model version no longer exists")
+    return resolve_model_path(policy.path, data_dir), resolve_model_path(reward.path, data_dir)
 
 
 def campaign_prompts(db: Session, campaign_ids: list[int], limit: int | None) -> list[Any]:
@@ -56,55 +124,44 @@ def campaign_prompts(db: Session, campaign_ids: list[int], limit: int | None) ->
     return out
 
 
-def ppo_config(spec: PPOJobSpec, policy: str, reward_model: str) -> PPOConfig:
-    """The trainer's config from the spec's training options (same names, checked by tests)."""
-    names = {f.name for f in fields(PPOConfig)}
-    options = {k: v for k, v in spec.training.model_dump().items() if k in names}
-    return PPOConfig(policy=policy, reward_model=reward_model, **options)
-
-
-def run(ctx: Any) -> dict[str, Any]:
-    """The worker's entry point for `ppo` jobs (ctx: trainer.worker.JobContext)."""
+def job_prompts(db: Session, spec: PolicyJobSpec, checkpoint: Path) -> list[Any]:
+    """The prompts the job trains on: the list an earlier attempt saved in its checkpoint
+    folder, or else the campaigns' prompts, saved there for the attempts after this one."""
     from app.campaigns import service as campaigns
 
-    spec = parse_ppo_spec(ctx.config)
-    data_dir = Path(ctx.settings.data_dir)
-    checkpoint = Path(ctx.checkpoint_dir)
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    with ctx.database.session() as db:
-        policy = db.get(ModelVersion, spec.policy_id)
-        reward = db.get(ModelVersion, spec.reward_model_id)
-        if policy is None or reward is None:
-            raise ValueError("the policy or the reward model version no longer exists")
-        policy_path = resolve_model_path(policy.path, data_dir)
-        reward_path = resolve_model_path(reward.path, data_dir)
-        saved = checkpoint / PROMPTS_FILE
-        if saved.is_file():
-            prompts = json.loads(saved.read_text(encoding="utf-8"))
-        else:
-            ids = []
-            for slug in spec.campaigns:
-                campaign = campaigns.get_by_slug(db, slug)
-                if campaign is None:
-                    raise ValueError(f"there is no campaign '{slug}'")
-                ids.append(campaign.id)
-            prompts = campaign_prompts(db, ids, spec.max_prompts)
-            saved.write_text(json.dumps(prompts, ensure_ascii=False), encoding="utf-8")
+    saved = checkpoint / PROMPTS_FILE
+    if saved.is_file():
+        prompts = json.loads(saved.read_text(encoding="utf-8"))
+    else:
+        ids = []
+        for slug in spec.campaigns:
+            campaign = campaigns.get_by_slug(db, slug)
+            if campaign is None:
+                raise ValueError(f"there is no campaign '{slug}'")
+            ids.append(campaign.id)
+        prompts = campaign_prompts(db, ids, spec.max_prompts)
+        saved.write_text(json.dumps(prompts, ensure_ascii=False), encoding="utf-8")
     if not prompts:
         raise ValueError("the campaigns have no prompts to train on")
-    ctx.log.info(
-        "ppo: %d prompts, policy %s, reward model %s", len(prompts), policy_path, reward_path
-    )
-    work_dir = checkpoint / "run"
-    result = train(
-        ppo_config(spec, policy_path, reward_path),
-        prompts,
-        work_dir,
-        device=ctx.device,
-        on_metric=ctx.metric,
-        on_progress=lambda fraction, message: ctx.report(0.98 * fraction, message),
-        should_stop=ctx.should_stop,
-    )
+    return prompts
+
+
+def train_callbacks(ctx: Any) -> dict[str, Any]:
+    """The trainer's device and callbacks from the job: metrics and progress to the job (the
+    last 2% is for publishing), and the worker's stop request."""
+    return {
+        "device": ctx.device,
+        "on_metric": ctx.metric,
+        "on_progress": lambda fraction, message: ctx.report(0.98 * fraction, message),
+        "should_stop": ctx.should_stop,
+    }
+
+
+def publish_policy(
+    ctx: Any, spec: PolicyJobSpec, result: Any, job: JobInputs, algorithm: str
+) -> dict[str, Any]:
+    """The finished run as a new policy version whose parent is the starting policy (the
+    job's result); a stopped run raises JobStopped, for the worker to requeue or cancel."""
     if result.stopped:
         ctx.check_stop()  # raises JobStopped: the worker requeues or cancels the job
         raise RuntimeError("training stopped without a stop request")
@@ -115,16 +172,16 @@ def run(ctx: Any) -> dict[str, Any]:
             "reward_model_id": spec.reward_model_id,
             "campaigns": spec.campaigns,
         },
-        "data": {"prompts": len(prompts)},
+        "data": {"prompts": len(job.prompts)},
         "eval": finite(result.metrics),
     }
     folder = publish(
         ctx,
-        work_dir,
-        "ppo",
-        name=spec.name or f"ppo {'+'.join(spec.campaigns)} (job {ctx.job_id})",
+        job.work_dir,
+        algorithm,
+        name=spec.name or f"{algorithm} {'+'.join(spec.campaigns)} (job {ctx.job_id})",
         kind=ModelKind.policy,
-        algorithm="ppo",
+        algorithm=algorithm,
         metrics=summary,
         parent_id=spec.policy_id,
     )

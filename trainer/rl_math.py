@@ -1,4 +1,4 @@
-"""PPO's math for language models as small pure functions on tensors.
+"""PPO's and RLOO's math for language models as small pure functions on tensors.
 
 Shapes: B sequences in a batch, T response tokens, V vocabulary. `mask` is (B, T) with 1 on
 real response tokens (the EOS included) and 0 on the padding after it; the functions that
@@ -8,7 +8,8 @@ what sampling until EOS gives.
 References: Schulman et al. 2016 (GAE), Schulman et al. 2017 (PPO), Ziegler et al. 2019
 ("Fine-Tuning Language Models from Human Preferences": per-token KL penalty, adaptive KL
 controller), Schulman 2020 "Approximating KL Divergence" (k1/k2/k3), Huang et al. 2024
-("The N+ Implementation Details of RLHF with PPO").
+("The N+ Implementation Details of RLHF with PPO"), Ahmadian et al. 2024 ("Back to Basics:
+Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs": RLOO).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ __all__ = [
     "pearson",
     "per_token_rewards",
     "policy_loss",
+    "rloo_advantages",
+    "rloo_baseline",
+    "sequence_kl_rewards",
     "value_loss",
 ]
 
@@ -115,6 +119,31 @@ def per_token_rewards(
     rows = torch.arange(len(score), device=score.device)
     rewards[rows, last] += score.to(rewards.dtype)
     return rewards
+
+
+def sequence_kl_rewards(
+    score: torch.Tensor, kl: torch.Tensor, beta: float, mask: torch.Tensor
+) -> torch.Tensor:
+    """RLOO's reward (Ahmadian et al. 2024): one per sequence, the score (B,) minus
+    beta times the KL summed over its real tokens, kl and mask (B, T) -> (B,)."""
+    return score - beta * (kl * mask.to(kl.dtype)).sum(dim=1)
+
+
+def rloo_baseline(rewards: torch.Tensor) -> torch.Tensor:
+    """The leave-one-out baseline (Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a
+    Baseline for Free!"; Ahmadian et al. 2024): for rewards (N prompts, k samples each),
+    every sample's baseline is the mean of the other k - 1 samples' rewards of its prompt,
+    (N, k). Needs k >= 2."""
+    k = rewards.shape[-1]
+    if k < 2:
+        raise ValueError("the leave-one-out baseline needs k >= 2 samples per prompt")
+    return (rewards.sum(dim=-1, keepdim=True) - rewards) / (k - 1)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """A_i = r_i - mean_{j != i} r_j over each prompt's k samples, (N, k) -> (N, k). They
+    sum to 0 per prompt; equal rewards give 0 (nothing to learn from that prompt)."""
+    return rewards - rloo_baseline(rewards)
 
 
 def gae(

@@ -1,0 +1,762 @@
+"""What PPO (trainer/ppo.py) and RLOO (trainer/rloo.py) share: their common hyperparameters
+(OnPolicyConfig), the policy and its frozen reference, the rollout (sample, pad, mask,
+decode), the log-probs of a rollout under the policy and the reference, the reward function,
+and the bookkeeping of an on-policy run (optimizer schedule, KL controller, resumable
+checkpoint, metrics, the saved policy).
+
+Each trainer's `train` reads top to bottom and calls these in the order of its step:
+
+    policy, reference, hub_generation = load_policy(config, device)
+    generation = sampling_config(config, tokenizer)
+    rollout = generate_rollout(policy, query, query_mask, generation, forward_batch_size)
+    logprobs, ref_logprobs, entropy = rollout_logprobs(policy, reference, rollout, ...)
+    score, raw_score = score_responses(reward_fn, prompts, decode_responses(tokenizer, rollout),
+                                       rollout.contains_eos, missing_eos_penalty)
+
+The algorithm itself (advantages, losses, updates) stays in the trainer; the math in
+trainer/rl_math.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.data import EncodedGroup, Prompt
+from trainer.modeling import enable_checkpointing
+from trainer.reward import RewardScorer
+from trainer.rl_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    logprobs_from_logits,
+    pearson,
+)
+from trainer.runtime import (
+    autocast,
+    json_safe,
+    load_checkpoint,
+    resolve_device,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "OnPolicyConfig",
+    "RewardFunction",
+    "RewardModelFunction",
+    "Rollout",
+    "RunCheckpoint",
+    "RunResult",
+    "Timer",
+    "apply_lora",
+    "chunks",
+    "decode_responses",
+    "disable_dropout",
+    "encode_prompt",
+    "fingerprint",
+    "generate_rollout",
+    "kl_controller",
+    "left_pad",
+    "load_policy",
+    "load_tokenizer",
+    "mixed_precision",
+    "open_run",
+    "optimizer_and_schedule",
+    "position_ids",
+    "prompt_indices",
+    "record_metrics",
+    "reference_logprobs",
+    "response_logprobs",
+    "response_mask",
+    "reward_model_function",
+    "rollout_logprobs",
+    "rollout_metrics",
+    "sampling_config",
+    "save_policy",
+    "score_responses",
+]
+
+CHECKPOINT_DIR = "checkpoint"
+
+# (prompts, decoded responses) -> one score per response, (B,). Higher is better.
+RewardFunction = Callable[[list[Prompt], list[str]], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------
+# Hyperparameters
+
+
+@dataclass
+class OnPolicyConfig:
+    """The hyperparameters every on-policy trainer here shares (PPOConfig and RLOOConfig add
+    their algorithm's own), as TRL's OnPolicyConfig. Defaults follow Huang et al. 2024 where
+    they say."""
+
+    policy: str = field(
+        metadata={"help": "The initial policy (an SFT model): a causal LM folder or hub id."}
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "A prefloop reward model folder; optional when train() gets reward_fn."},
+    )
+    normalize_reward: bool = field(
+        default=True,
+        metadata={"help": "Whiten reward-model scores with the mean/std stored at training."},
+    )
+    use_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "Train LoRA adapters on the policy (needs peft); the reference is "
+            "the same model with its adapters off, so no copy is kept."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (alpha / r)."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "'all-linear' or comma-separated module names to adapt."},
+    )
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Responses per forward/backward (gradient accumulation); "
+            "None = the whole minibatch."
+        },
+    )
+    forward_batch_size: int = field(
+        default=32,
+        metadata={"help": "Responses per no-grad pass while sampling and scoring (memory)."},
+    )
+    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate."})
+    lr_schedule: str = field(
+        default="linear",
+        metadata={
+            "help": "'linear': decay to 0 over total_steps (cleanrl's anneal_lr); 'constant'."
+        },
+    )
+    adam_eps: float = field(
+        default=1e-5, metadata={"help": "AdamW epsilon (1e-5 as in cleanrl and Huang et al.)."}
+    )
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Prompt tokens kept (the end of the prompt)."}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Response length cap."})
+    temperature: float = field(
+        default=0.7,
+        metadata={"help": "Sampling temperature; log-probs are always of logits / temperature."},
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1.0 = off."})
+    separator: str = field(
+        default="\n\n",
+        metadata={
+            "help": "After a plain-text prompt when the tokenizer has no chat template "
+            "(as the reward model's formatter)."
+        },
+    )
+    kl_coef: float = field(
+        default=0.05, metadata={"help": "beta: the KL penalty coefficient (initial if adaptive)."}
+    )
+    adaptive_kl: bool = field(
+        default=False,
+        metadata={"help": "Steer beta toward kl_target (Ziegler et al. 2019, section 2.2)."},
+    )
+    kl_target: float = field(
+        default=6.0, metadata={"help": "Target KL per response in nats (adaptive_kl)."}
+    )
+    kl_horizon: float = field(
+        default=10000, metadata={"help": "Controller horizon in responses (adaptive_kl)."}
+    )
+    missing_eos_penalty: float | None = field(
+        default=None,
+        metadata={"help": "Subtracted from the score of a response that never emits EOS."},
+    )
+    total_steps: int = field(default=100, metadata={"help": "Steps (rollout + updates)."})
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "Write a resumable checkpoint every N steps; 0 = on stop."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seeds torch, numpy, random, prompt order."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast; None = on when CUDA supports it."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ValueError(
+                f"lr_schedule must be 'linear' or 'constant', not {self.lr_schedule!r}"
+            )
+        if self.micro_batch_size is not None and not self.micro_batch_size > 0:
+            raise ValueError("micro_batch_size must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(
+                "temperature must be > 0 (the trainer samples; greedy has no log-probs)"
+            )
+        if min(self.total_steps, self.max_new_tokens, self.forward_batch_size) < 1:
+            raise ValueError("total_steps, max_new_tokens, forward_batch_size >= 1")
+
+
+@dataclass
+class RunResult:
+    """What a run produced. `stopped`: interrupted; call `train` again to resume."""
+
+    output_dir: str
+    metrics: dict[str, float]
+    stopped: bool = False
+    steps: int = 0
+    total_steps: int = 0
+    history: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+def open_run(
+    config: OnPolicyConfig,
+    prompts: Sequence[Prompt],
+    output_dir: str | Path,
+    reward_fn: RewardFunction | None,
+    device: str | torch.device | None,
+) -> tuple[Path, torch.device]:
+    """(output_dir, device) of a run, the folder made; refuses one with nothing to train on
+    or nothing to reward it."""
+    if not prompts:
+        raise ValueError("no prompts")
+    if reward_fn is None and config.reward_model is None:
+        raise ValueError("give config.reward_model or a reward_fn")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir, resolve_device(device)
+
+
+# ---------------------------------------------------------------------------------------
+# Rewards
+
+
+class RewardModelFunction:
+    """A prefloop reward model as a RewardFunction. Its tokenizer may differ from the
+    policy's: it reads the decoded text, formatted as at its training (RewardScorer). Scores
+    are whitened with the mean/std its training stored (prefloop_reward.json), so that a
+    kl_coef means the same for every reward model; `raw = score * std + mean`."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str | torch.device | None = None,
+        *,
+        normalize: bool = True,
+        batch_size: int = 32,
+    ) -> None:
+        self.scorer = RewardScorer(model_dir, device)
+        stats = self.scorer.normalization if normalize else {}
+        self.mean = float(stats.get("mean", 0.0))
+        self.std = float(stats.get("std", 1.0)) or 1.0
+        self.batch_size = batch_size
+
+    def __call__(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
+        groups = [
+            EncodedGroup(input_ids=self.scorer.formatter.encode(p, [r]), ranks=[0])
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        raw = torch.cat(self.scorer.rewards(groups, self.batch_size))  # (B,)
+        return (raw - self.mean) / self.std
+
+
+def reward_model_function(
+    model_dir: str | Path, device: str | torch.device | None = None, *, normalize: bool = True
+) -> RewardModelFunction:
+    return RewardModelFunction(model_dir, device, normalize=normalize)
+
+
+def score_responses(
+    reward_fn: RewardFunction,
+    prompts: list[Prompt],
+    texts: list[str],
+    contains_eos: torch.Tensor,
+    missing_eos_penalty: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score, raw_score), (B,) each: the reward function's (normalized) score less the
+    missing-EOS penalty, and the reward model's raw score (`score * std + mean`)."""
+    score = reward_fn(prompts, texts).detach().float().to(contains_eos.device)  # (B,)
+    raw_score = score * getattr(reward_fn, "std", 1.0) + getattr(reward_fn, "mean", 0.0)
+    if missing_eos_penalty is not None:
+        score = torch.where(contains_eos, score, score - missing_eos_penalty)
+    return score, raw_score
+
+
+# ---------------------------------------------------------------------------------------
+# The policy and its reference
+
+
+def load_tokenizer(path: str) -> Any:
+    """The policy's tokenizer, padding with EOS when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the policy's tokenizer has no EOS token to stop at")
+    return tokenizer
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (Huang et al. detail): the old log-probs come from a forward
+    pass, so any noise there makes the ratio != 1 before the policy has moved."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def apply_lora(policy: nn.Module, config: OnPolicyConfig) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ImportError("use_lora needs peft: pip install peft") from exc
+    targets: str | list[str] = config.lora_target_modules
+    if targets != "all-linear":
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(policy, lora)
+
+
+def load_policy(
+    config: OnPolicyConfig, device: torch.device
+) -> tuple[nn.Module, nn.Module | None, Any]:
+    """(policy, reference, the policy's own generation config) on `device`.
+
+    fp32 master weights whatever the checkpoint's dtype; bf16 only inside autocast. The
+    reference is a frozen copy run the same way, so KL is exactly 0 before the first update;
+    with LoRA it is None (the policy with its adapters off, see reference_logprobs). The
+    policy's dropout is off, its LoRA adapters (drawn from the seeded RNG) on. Its own
+    generation config is cleared, and returned for save_policy to put back: a hub model's
+    generation_config.json (top_k, repetition_penalty, ...) would change the sampling
+    distribution behind the trainer's back."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    policy = AutoModelForCausalLM.from_pretrained(config.policy, dtype=torch.float32)
+    hub_generation = policy.generation_config
+    policy.generation_config = GenerationConfig()
+    reference = None
+    if not config.use_lora:
+        reference = AutoModelForCausalLM.from_pretrained(config.policy, dtype=torch.float32)
+        reference.requires_grad_(False).eval().to(device)
+    disable_dropout(policy)
+    if config.gradient_checkpointing:
+        enable_checkpointing(policy)
+    if config.use_lora:
+        policy = apply_lora(policy, config)
+    policy.to(device)
+    return policy, reference, hub_generation
+
+
+def sampling_config(config: OnPolicyConfig, tokenizer: Any) -> Any:
+    """Sample from exactly softmax(logits / T) with top-p, stopping at EOS."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=0,
+        repetition_penalty=1.0,
+        max_new_tokens=config.max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+
+
+def mixed_precision(
+    bf16: bool | None, device: torch.device
+) -> Callable[[], AbstractContextManager[Any]]:
+    """A context factory: bf16 autocast (None: where CUDA supports it), or nothing."""
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return (lambda: autocast(device, True)) if bf16 else nullcontext
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts, sampling and forward passes
+
+
+def _plain_prompt(prompt: Prompt, separator: str) -> str:
+    if isinstance(prompt, str):
+        return prompt + separator
+    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in prompt]
+    return separator.join(turns) + separator + "Assistant: "
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, max_length: int, separator: str) -> list[int]:
+    """Token ids the policy continues: the chat template with the generation prompt when the
+    tokenizer has one, else "prompt<separator>" after the tokenizer's BOS if it adds one.
+    Long prompts keep their end (the turn being answered)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prefix: list[int] = []
+    else:
+        text = _plain_prompt(prompt, separator)
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+        prefix = [bos] if adds_bos else []
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = max(max_length - len(prefix), 1)
+    return prefix + ids[-keep:]
+
+
+def left_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) ids and attention mask, padded on the left so every prompt ends at column P-1."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def response_mask(response: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask (B, R): 1 up to and including the first EOS (all 1 without one), and
+    contains_eos (B,)."""
+    is_eos = response == eos_id
+    contains_eos = is_eos.any(dim=1)
+    R = response.shape[1]
+    first = torch.where(contains_eos, is_eos.int().argmax(dim=1), R - 1)  # (B,)
+    positions = torch.arange(R, device=response.device)
+    return (positions[None, :] <= first[:, None]).long(), contains_eos
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (left padding), as generate does."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def response_logprobs(
+    model: nn.Module,
+    query_response: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(response token) and the logits it came from, (B, R) and (B, R, V).
+
+    query_response (B, P + R), the first P columns the left-padded prompt. The logits at
+    positions P-1 .. P+R-2 predict the R response tokens; they are divided by the sampling
+    temperature, or the log-probs would be of another policy than the one that sampled."""
+    R = query_response.shape[1] - context_length
+    out = model(
+        input_ids=query_response,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        logits_to_keep=R + 1,  # the lm head runs on the response positions only
+    )
+    logits = out.logits[:, :-1].float() / temperature  # (B, R, V)
+    return logprobs_from_logits(logits, query_response[:, context_length:]), logits
+
+
+def reference_logprobs(
+    policy: nn.Module,
+    reference: nn.Module | None,
+    query_response: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    temperature: float,
+) -> torch.Tensor:
+    """log ref(response token), (B, R): the frozen copy, or with LoRA the policy's base."""
+    if reference is not None:
+        return response_logprobs(
+            reference, query_response, attention_mask, context_length, temperature
+        )[0]
+    with policy.disable_adapter():  # LoRA: the base model is the reference
+        return response_logprobs(
+            policy, query_response, attention_mask, context_length, temperature
+        )[0]
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def prompt_indices(n_prompts: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """The prompts of step `step`: pass k over the prompts is a shuffle seeded by (seed, k),
+    so the order depends on nothing but the step and a resume replays it."""
+    out = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        pass_index, offset = divmod(position, n_prompts)
+        order = list(range(n_prompts))
+        random.Random(seed * 1_000_003 + pass_index).shuffle(order)  # noqa: S311 - data order
+        out.append(order[offset])
+    return out
+
+
+@dataclass
+class Rollout:
+    """Sampled responses after their prompts. Everything after a response's first EOS is
+    padding, masked out."""
+
+    query_response: torch.Tensor  # (B, P + R): the left-padded prompt, then the response
+    attention: torch.Tensor  # (B, P + R)
+    response: torch.Tensor  # (B, R), pad_id after the first EOS
+    mask: torch.Tensor  # (B, R): 1 up to and including the first EOS
+    contains_eos: torch.Tensor  # (B,)
+    context_length: int  # P
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) response tokens, the EOS included."""
+        return self.mask.sum(dim=1)
+
+
+def generate_rollout(
+    policy: nn.Module,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    generation: Any,
+    forward_batch_size: int,
+) -> Rollout:
+    """One sampled response per row of the left-padded query (B, P), with the KV cache, in
+    chunks of forward_batch_size; the caller holds no_grad and autocast."""
+    B, P = query.shape
+    pad_id, eos_id = generation.pad_token_id, generation.eos_token_id
+    pieces = [
+        policy.generate(
+            input_ids=query[c], attention_mask=query_mask[c], generation_config=generation
+        )[:, P:]
+        for c in chunks(B, forward_batch_size)
+    ]
+    R = max(p.shape[1] for p in pieces)
+    response = torch.cat(
+        [nn.functional.pad(p, (0, R - p.shape[1]), value=pad_id) for p in pieces]
+    )  # (B, R)
+    mask, contains_eos = response_mask(response, eos_id)  # (B, R), (B,)
+    response = response.masked_fill(mask == 0, pad_id)
+    return Rollout(
+        query_response=torch.cat([query, response], dim=1),
+        attention=torch.cat([query_mask, mask], dim=1),
+        response=response,
+        mask=mask,
+        contains_eos=contains_eos,
+        context_length=P,
+    )
+
+
+def decode_responses(tokenizer: Any, rollout: Rollout) -> list[str]:
+    """The responses as text, without their EOS and padding."""
+    lengths, contains_eos = rollout.lengths, rollout.contains_eos
+    return tokenizer.batch_decode(
+        [
+            rollout.response[b, : int(lengths[b]) - int(contains_eos[b])].tolist()
+            for b in range(len(lengths))
+        ],
+        skip_special_tokens=True,
+    )
+
+
+def rollout_logprobs(
+    policy: nn.Module,
+    reference: nn.Module | None,
+    rollout: Rollout,
+    temperature: float,
+    forward_batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(old log-probs, reference log-probs, entropy), (B, R) each, of the rollout's response
+    tokens, in chunks of forward_batch_size; the caller holds no_grad and autocast."""
+    qr, att, P = rollout.query_response, rollout.attention, rollout.context_length
+    old_logprobs, ref_logprobs, entropy = [], [], []
+    for c in chunks(qr.shape[0], forward_batch_size):
+        logprobs, logits = response_logprobs(policy, qr[c], att[c], P, temperature)
+        old_logprobs.append(logprobs)
+        entropy.append(entropy_from_logits(logits))
+        del logits
+        ref_logprobs.append(reference_logprobs(policy, reference, qr[c], att[c], P, temperature))
+    return torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(entropy)
+
+
+# ---------------------------------------------------------------------------------------
+# The run: optimizer, KL controller, checkpoint, metrics, the saved policy
+
+
+def optimizer_and_schedule(
+    params: list[nn.Parameter], config: OnPolicyConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW, and a learning rate that decays linearly to 0 over total_steps (cleanrl's
+    anneal_lr) or stays constant."""
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=config.adam_eps)
+    total = config.total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        (lambda step: 1.0 - step / total) if config.lr_schedule == "linear" else (lambda _: 1.0),
+    )
+    return optimizer, scheduler
+
+
+def kl_controller(config: OnPolicyConfig) -> AdaptiveKLController | FixedKLController:
+    """beta: fixed, or steered toward kl_target (Ziegler et al. 2019, section 2.2)."""
+    if config.adaptive_kl:
+        return AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    return FixedKLController(config.kl_coef)
+
+
+def fingerprint(config: OnPolicyConfig, prompts: Sequence[Prompt]) -> str:
+    """Identity of a run: a checkpoint resumes only the same config (every field but
+    checkpoint_every) on the same prompts."""
+    settings = asdict(config)
+    settings.pop("checkpoint_every")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(json.dumps(list(prompts), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+class RunCheckpoint:
+    """output_dir/checkpoint/state.pt: the named parts' state dicts (models, optimizer,
+    scheduler, KL controller), the step, the last metrics, the history and every RNG's state,
+    so that a resumed run is the uninterrupted one."""
+
+    def __init__(self, output_dir: Path, fingerprint: str, **parts: Any) -> None:
+        self.folder = output_dir / CHECKPOINT_DIR
+        self.path = self.folder / "state.pt"
+        self.fingerprint = fingerprint
+        self.parts = parts
+
+    def resume(
+        self, on_progress: Callable[[float, str], None], total: int
+    ) -> tuple[int, dict[str, float], list[tuple[int, str, float]]]:
+        """(step, last metrics, history): this run's checkpoint's, its state loaded into the
+        parts and the resume reported, or a fresh run's (0, {}, []). Another run's checkpoint
+        is refused (ValueError)."""
+        state = load_checkpoint(self.path, self.fingerprint)
+        if state is None:
+            return 0, {}, []
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        set_rng_state(state["rng"])
+        done = state["step"]
+        on_progress(done / total, f"resumed at step {done}/{total}")
+        return done, state["metrics"], state["history"]
+
+    def save(
+        self, step: int, metrics: dict[str, float], history: list[tuple[int, str, float]]
+    ) -> None:
+        write_checkpoint(
+            self.path,
+            {
+                "fingerprint": self.fingerprint,
+                **{name: part.state_dict() for name, part in self.parts.items()},
+                "step": step,
+                "metrics": metrics,
+                "history": history,
+                "rng": rng_state(),
+            },
+        )
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Timer:
+    """Wall time of a phase; synchronises CUDA so queued kernels count where they ran."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals: dict[str, float] = {}
+
+    def phase(self, name: str) -> AbstractContextManager[None]:
+        timer = self
+
+        class _Phase:
+            def __enter__(self) -> None:
+                self.began = time.perf_counter()
+
+            def __exit__(self, *exc: object) -> None:
+                if timer.device.type == "cuda":
+                    torch.cuda.synchronize(timer.device)
+                timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.began
+
+        return _Phase()
+
+
+def rollout_metrics(
+    rollout: Rollout,
+    raw_score: torch.Tensor,
+    learning_rate: float,
+    grad_norms: list[float],
+    timer: Timer,
+    began: float,
+) -> dict[str, float]:
+    """The response, train, time and token metrics of a step, the same for every trainer."""
+    lengths = rollout.lengths.float()
+    B, sequence = rollout.query_response.shape
+    return {
+        "response/length": lengths.mean().item(),
+        "response/eos_rate": rollout.contains_eos.float().mean().item(),
+        "response/length_reward_corr": pearson(lengths, raw_score),
+        "train/learning_rate": learning_rate,
+        "train/grad_norm": sum(grad_norms) / len(grad_norms),
+        "time/generate": timer.totals["generate"],
+        "time/score": timer.totals["score"],
+        "time/train": timer.totals["train"],
+        "time/step": time.perf_counter() - began,
+        "tokens/response": float(rollout.lengths.sum()),
+        "tokens/sequence": float(B * sequence),
+    }
+
+
+def record_metrics(
+    step: int,
+    metrics: dict[str, float],
+    history: list[tuple[int, str, float]],
+    on_metric: Callable[[int, str, float], None],
+) -> dict[str, float]:
+    """Append the step's finite metrics to history and pass them to on_metric (NaN, from a
+    constant batch, would break the charts); return them."""
+    finite = {name: value for name, value in metrics.items() if math.isfinite(value)}
+    for name, value in finite.items():
+        history.append((step, name, value))
+        on_metric(step, name, value)
+    return finite
+
+
+def save_policy(
+    policy: nn.Module,
+    tokenizer: Any,
+    hub_generation: Any,
+    output_dir: Path,
+    meta_file: str,
+    meta: dict[str, Any],
+    *,
+    merge_lora: bool,
+) -> None:
+    """The policy in plain transformers format (LoRA adapters merged), its own generation
+    config put back, beside its tokenizer and `meta` (config, metrics, ...) in meta_file."""
+    if merge_lora:
+        policy = policy.merge_and_unload()
+    policy.generation_config = hub_generation
+    policy.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    (output_dir / meta_file).write_text(json.dumps(json_safe(meta), indent=2))
