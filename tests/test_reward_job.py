@@ -6,7 +6,6 @@ and the job spec held equal to the trainer's config."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import random
@@ -18,7 +17,6 @@ from fastapi.testclient import TestClient
 from app.auth import service as auth_service
 from app.auth.models import Role
 from app.campaigns.models import CampaignMode
-from app.db import Database
 from app.jobs import training
 from app.jobs.models import Job, JobState, ModelVersion
 from app.jobs.specs import RewardJobSpec, RewardTraining, SpecError, parse_reward_spec
@@ -26,9 +24,13 @@ from app.labeling import importer
 from app.labeling import service as labeling
 from app.labeling.schemas import JudgmentIn
 from app.main import create_app
-from tests.conftest import make_settings
 from tests.factories import make_campaign, make_labeler, make_task
-from tests.tiny_models import reward_model, tokenizer_for
+from tests.tiny_models import reward_model
+from tests.training_helpers import (
+    assert_spec_mirrors,
+    live_fixture,  # noqa: F401 - the `live` fixture
+    tiny_model,
+)
 from trainer.reward import RewardConfig
 from trainer.reward_job import load_training_data, ranks_of, reward_config
 from trainer.worker import run_worker
@@ -60,12 +62,7 @@ def rank_by_truth(db, campaign, users, truth: dict[int, list[int]]) -> None:
 def test_the_spec_mirrors_the_trainers_config():
     """Every training option the server accepts is a RewardConfig field with the same default,
     so a job never carries an option the trainer would ignore or refuse."""
-    trainer_fields = {f.name: f for f in dataclasses.fields(RewardConfig)}
-    # A job checkpoints every 50 steps, so a worker killed outright loses little.
-    job_defaults = {"save_every": 50}
-    for name, field in RewardTraining.model_fields.items():
-        assert name in trainer_fields, f"{name} is not a RewardConfig field"
-        assert field.default == job_defaults.get(name, trainer_fields[name].default), name
+    assert_spec_mirrors(RewardTraining, RewardConfig, all_fields=False)
     config = reward_config(RewardJobSpec(backbone="/m", campaigns=["x"]))
     assert config.model_name_or_path == "/m" and config.epochs == 1
 
@@ -183,20 +180,9 @@ def test_labeler_weights_follow_agreement(db, database, settings):
 # --- end to end ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def live(fresh_database_url, tmp_path):
-    database = Database(fresh_database_url)
-    settings = make_settings(database_url=fresh_database_url, data_dir=tmp_path / "data")
-    yield database, settings
-    database.dispose()
-
-
 def tiny_backbone(folder: Path) -> str:
     texts = [" ".join(answers(n)) + f" question {n}" for n in range(TASKS + 1)]
-    tokenizer = tokenizer_for(texts)
-    reward_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return tiny_model(folder, texts, reward_model)
 
 
 def test_labels_become_a_job_and_a_reward_model_version(live, tmp_path):

@@ -6,7 +6,6 @@ as_of), the spec held equal to the trainer's config, refusals, the form and the 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -29,14 +28,17 @@ from app.labeling import service as labeling
 from app.labeling.models import Prompt, Task
 from app.labeling.schemas import JudgmentIn
 from app.main import create_app
-from tests.conftest import make_settings
 from tests.factories import make_campaign, make_labeler, make_task
 from tests.test_cli import cli_env, run_cli
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tests.tiny_models import causal_lm, tokenizer_for
+from tests.training_helpers import (
+    assert_spec_mirrors,
+    live_fixture,  # noqa: F401 - the `live` fixture
+    tiny_model,
+)
 from trainer.sft import META_FILE, SFTConfig
 from trainer.sft_job import load_demonstrations, sft_config
 from trainer.worker import run_worker
@@ -79,13 +81,7 @@ def import_pairs(db, campaign, numbers) -> None:
 
 
 def test_the_spec_mirrors_the_trainers_config():
-    trainer_fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
-    job_defaults = {"save_every": 50}  # a job checkpoints every 50 steps
-    for name, field in SFTTraining.model_fields.items():
-        assert name in trainer_fields, f"{name} is not an SFTConfig field"
-        assert field.default == job_defaults.get(name, trainer_fields[name].default), name
-    missing = set(trainer_fields) - set(SFTTraining.model_fields) - {"model_name_or_path"}
-    assert missing == set()
+    assert_spec_mirrors(SFTTraining, SFTConfig)
     config = sft_config(SFTJobSpec(model_id=1, campaigns=["x"]), "/m")
     assert config.model_name_or_path == "/m" and config.lr_scheduler == "cosine"
 
@@ -139,20 +135,8 @@ def test_demonstrations_and_imported_pairs_split_by_prompt(db, database, setting
 # --- end to end ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def live(fresh_database_url, tmp_path):
-    database = Database(fresh_database_url)
-    settings = make_settings(database_url=fresh_database_url, data_dir=tmp_path / "data")
-    yield database, settings
-    database.dispose()
-
-
 def tiny_policy(folder: Path) -> str:
-    texts = [f"{question(n)} {answer(n)}" for n in range(40)]
-    tokenizer = tokenizer_for(texts)
-    causal_lm(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return tiny_model(folder, [f"{question(n)} {answer(n)}" for n in range(40)])
 
 
 def test_demonstrations_become_a_job_and_a_new_policy_version(live, tmp_path):

@@ -20,7 +20,9 @@ HANDLERS: dict[str, str] = {
     "score_reward": "trainer.reward_job:score",
     "generate": "trainer.generate_job:run",
     "ppo": "trainer.ppo_job:run",
+    "rloo": "trainer.rloo_job:run",
     "sft": "trainer.sft_job:run",
+    "dpo": "trainer.dpo_job:run",
 }
 
 

@@ -1,4 +1,4 @@
-"""The reward model's math as small pure functions on tensors.
+"""The reward model's math (and DPO's loss, at the end) as small pure functions on tensors.
 
 A judgment ranks K completions of one prompt (rank 0 = best, equal ranks = a tie). Following
 InstructGPT (Ouyang et al., 2022, section 3.5), the K completions are scored in one forward
@@ -144,3 +144,38 @@ def pair_calibration_error(
     probs = torch.cat([p, 1 - p])
     labels = torch.cat([torch.ones_like(p), torch.zeros_like(p)])
     return expected_calibration_error(probs, labels, bins)
+
+
+# --- DPO ----------------------------------------------------------------------------------------
+# Shapes: B pairs. Sequence log-probs are summed over each completion's tokens.
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO's sigmoid loss (Rafailov et al., 2023, eq. 7) per pair, and the implicit rewards.
+
+    Each input is (B,): log pi(y|x) of the chosen and rejected completion under the policy
+    and under the frozen reference. The implicit reward of a completion is
+    beta * (log pi(y|x) - log pi_ref(y|x)) (section 5), and the loss is
+
+        -log sigmoid(r_chosen - r_rejected)
+
+    With label_smoothing = eps > 0 it is conservative DPO (Mitchell, "A note on DPO with noisy
+    preferences", 2023): each label is taken to be flipped with probability eps,
+        -(1 - eps) * log sigmoid(d) - eps * log sigmoid(-d).
+
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are detached
+    (they are for metrics: accuracy is chosen > rejected, the margin their difference)."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError("label_smoothing must be in [0, 0.5)")
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
+    logits = beta * (chosen_logratios - rejected_logratios)  # (B,) = r_chosen - r_rejected
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()

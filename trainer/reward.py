@@ -41,6 +41,7 @@ from trainer.data import (
     collate,
     length_grouped_batches,
 )
+from trainer.distributed import SINGLE, Distributed, Forward
 from trainer.losses import (
     batch_pair_indices,
     grouped_ranking_loss,
@@ -50,15 +51,16 @@ from trainer.losses import (
 )
 from trainer.modeling import compute_rewards, enable_checkpointing, load_reward_model
 from trainer.runtime import (
+    TrainingConfig,
+    adamw_with_schedule,
     autocast,
     json_safe,
     load_checkpoint,
-    param_groups,
     resolve_device,
     rng_state,
+    save_on_main,
     seed_everything,
     set_rng_state,
-    write_checkpoint,
 )
 
 __all__ = [
@@ -76,8 +78,10 @@ CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
-class RewardConfig:
-    """Hyperparameters of one reward-model run. Defaults follow InstructGPT where it says."""
+class RewardConfig(TrainingConfig):
+    """Hyperparameters of one reward-model run: the loop's (`trainer.runtime.TrainingConfig`:
+    batches, AdamW with linear decay, precision, logging, eval and checkpoint cadence) and
+    these. Defaults follow InstructGPT where it says."""
 
     model_name_or_path: str = field(
         metadata={"help": "Backbone: a local directory or hub id (sequence classifier or LM)."}
@@ -87,17 +91,6 @@ class RewardConfig:
         metadata={"help": "Tokens per prompt + completion; the prompt's start is cut first."},
     )
     batch_size: int = field(default=8, metadata={"help": "Judgments (not pairs) per forward pass."})
-    grad_accumulation_steps: int = field(
-        default=1, metadata={"help": "Forward passes per optimizer step."}
-    )
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak AdamW learning rate."})
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW weight decay (not applied to biases and norms)."}
-    )
-    warmup_ratio: float = field(
-        default=0.03, metadata={"help": "Share of steps of linear warmup, then linear decay."}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     epochs: int = field(
         default=1,
         metadata={"help": "Passes over the data. InstructGPT: a second epoch overfits."},
@@ -117,35 +110,13 @@ class RewardConfig:
         default=None,
         metadata={"help": "Add coef * mean(r^2) to keep rewards near 0 (Eisenstein et al., 2023)."},
     )
-    seed: int = field(default=42, metadata={"help": "Seeds torch, random, numpy and data order."})
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 autocast; None = on when CUDA supports it."}
-    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory."}
     )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Zero dropout: pair losses compare two noisy forwards."}
     )
-    group_by_length: bool = field(
-        default=True,
-        metadata={"help": "Batch judgments of similar length together (less padding)."},
-    )
-    length_group_size: int = field(
-        default=50,
-        metadata={"help": "Batches per megabatch that is sorted by length before batching."},
-    )
-    eval_every: int = field(
-        default=0, metadata={"help": "Evaluate every N optimizer steps; 0 = per epoch only."}
-    )
     eval_batch_size: int = field(default=32, metadata={"help": "Judgments per eval pass."})
-    logging_steps: int = field(
-        default=10, metadata={"help": "Report train/* metrics every N optimizer steps."}
-    )
-    save_every: int = field(
-        default=0,
-        metadata={"help": "Write a resumable checkpoint every N steps; 0 = only on stop."},
-    )
     separator: str = field(
         default="\n\n",
         metadata={"help": "Between prompt and completion when there is no chat template."},
@@ -156,10 +127,9 @@ class RewardConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.ties not in ("skip", "half"):
             raise ValueError(f"ties must be 'skip' or 'half', not {self.ties!r}")
-        if self.batch_size < 1 or self.grad_accumulation_steps < 1 or self.epochs < 1:
-            raise ValueError("batch_size, grad_accumulation_steps and epochs must be >= 1")
 
 
 @dataclass
@@ -365,16 +335,21 @@ def train(
     should_stop: Callable[[], bool] = lambda: False,
     gold_groups: Sequence[RankingGroup] | None = None,
     noise_ceiling: float | None = None,
+    dist: Distributed = SINGLE,
 ) -> RewardResult:
     """Train a reward model on `train_groups`, evaluate on `eval_groups`, save to output_dir.
 
     `should_stop()` is asked before every optimizer step; when it says True, a resumable
     checkpoint goes to output_dir/checkpoint and the result has stopped=True. Calling `train`
     again with the same arguments resumes it. `noise_ceiling` (inter-labeler agreement) is
-    passed through to the metrics to read the accuracy against."""
+    passed through to the metrics to read the accuracy against.
+
+    `dist` (trainer/distributed.py): one of several data-parallel processes. Each takes its
+    slice of every global batch of `batch_size` judgments, so the run follows the one-process
+    loss curve; rank 0 evaluates, checkpoints and saves."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(device)
+    device = dist.device if dist.active else resolve_device(device)
     bf16 = (
         config.bf16
         if config.bf16 is not None
@@ -417,12 +392,7 @@ def train(
     total_steps = steps_per_epoch * config.epochs
 
     # ---- optimizer: AdamW, linear warmup then linear decay to 0
-    from transformers import get_linear_schedule_with_warmup
-
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps
-    )
+    optimizer, scheduler = adamw_with_schedule(model, config, total_steps, "linear")
 
     # ---- resume from a checkpoint of the same run, if there is one
     checkpoint = output_dir / CHECKPOINT_DIR / "state.pt"
@@ -439,11 +409,15 @@ def train(
         set_rng_state(state["rng"])
         on_progress(done / total_steps, f"resumed at step {done}/{total_steps}")
     resumed_from = done
+    # The forward that backpropagates: under DDP through its wrapper (which also makes every
+    # rank start from rank 0's weights); one process: compute_rewards(model, ...) as is.
+    forward = dist.wrap(Forward(model, compute_rewards))
 
     def save_checkpoint() -> None:
-        write_checkpoint(
+        save_on_main(
+            dist,
             checkpoint,
-            {
+            lambda: {
                 "fingerprint": fingerprint,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -478,7 +452,7 @@ def train(
         for step_in_epoch in range(steps_per_epoch):
             if epoch * steps_per_epoch + step_in_epoch < done:
                 continue  # done before the checkpoint
-            if should_stop():
+            if dist.any(should_stop()):
                 save_checkpoint()
                 on_progress(done / total_steps, f"stopped at step {done}/{total_steps}")
                 return RewardResult(
@@ -501,37 +475,53 @@ def train(
                 sum(g.weight for mb in micro for g in mb if _has_pairs(g, config.ties)) or 1.0
             )
             began = time.perf_counter()
-            step_loss = 0.0
-            for groups in micro:
+            # This rank's numbers of the step, summed over ranks below:
+            # loss, correct pairs, strict pairs, trained pairs, tokens.
+            local = [0.0, 0, 0, 0, 0]
+            for k, global_groups in enumerate(micro):
+                groups, stand_in = dist.shard(global_groups)
                 batch = collate(groups, pad_id).to(device)
-                with autocast(device, bf16):
-                    rewards = compute_rewards(model, batch.input_ids, batch.attention_mask)  # (N,)
-                group_loss, has_pairs = grouped_ranking_loss(
-                    rewards,
-                    batch.better,
-                    batch.worse,
-                    batch.tie,
-                    batch.pair_group,
-                    batch.num_groups,
-                    batch.margins,
-                    config.ties,
-                )  # (G,), (G,)
-                loss = weighted_mean(group_loss, has_pairs, batch.weights, normalizer)
-                if config.center_rewards_coefficient:
-                    # TRL's centering (Eisenstein et al., 2023, eq. 2), averaged over passes.
-                    loss = loss + config.center_rewards_coefficient * rewards.pow(2).mean() / len(
-                        micro
-                    )
-                loss.backward()
+                with dist.no_sync(forward, sync=k == len(micro) - 1):
+                    with autocast(device, bf16):
+                        rewards = forward(batch.input_ids, batch.attention_mask)  # (N,)
+                    group_loss, has_pairs = grouped_ranking_loss(
+                        rewards,
+                        batch.better,
+                        batch.worse,
+                        batch.tie,
+                        batch.pair_group,
+                        batch.num_groups,
+                        batch.margins,
+                        config.ties,
+                    )  # (G,), (G,)
+                    loss = weighted_mean(group_loss, has_pairs, batch.weights, normalizer)
+                    if config.center_rewards_coefficient:
+                        # TRL's centering (Eisenstein et al., 2023, eq. 2), averaged over passes;
+                        # under DDP this rank's share of the mean over the global micro-batch.
+                        squares = (
+                            rewards.pow(2).sum() / sum(len(g.ranks) for g in global_groups)
+                            if dist.active
+                            else rewards.pow(2).mean()
+                        )
+                        loss = loss + config.center_rewards_coefficient * squares / len(micro)
+                    if stand_in:
+                        loss = loss * 0.0
+                    dist.backward(loss)
+                if stand_in:
+                    continue
                 with torch.no_grad():
                     strict = ~batch.tie
                     correct = pair_correct(rewards, batch.better[strict], batch.worse[strict])
-                    window["correct"] += int(correct.sum())
-                    window["strict"] += int(strict.sum())
-                step_loss += loss.item()
-                trained_pairs = len(batch.tie) if config.ties == "half" else int(strict.sum())
-                totals["pairs"] += trained_pairs
-                totals["tokens"] += batch.num_tokens
+                local[0] += loss.item()
+                local[1] += int(correct.sum())
+                local[2] += int(strict.sum())
+                local[3] += len(batch.tie) if config.ties == "half" else int(strict.sum())
+                local[4] += batch.num_tokens
+            step_loss, correct_pairs, strict_pairs, trained_pairs, tokens = dist.sum(local)
+            window["correct"] += int(correct_pairs)
+            window["strict"] += int(strict_pairs)
+            totals["pairs"] += int(trained_pairs)
+            totals["tokens"] += int(tokens)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -556,14 +546,23 @@ def train(
             on_progress(
                 done / total_steps, f"epoch {epoch + 1}/{config.epochs}, step {done}/{total_steps}"
             )
-            if config.eval_every and done % config.eval_every == 0 and done % steps_per_epoch:
+            if (
+                config.eval_every
+                and done % config.eval_every == 0
+                and done % steps_per_epoch
+                and dist.is_main
+            ):
                 last_eval = run_eval(done)
             if config.save_every and done % config.save_every == 0 and done < total_steps:
                 save_checkpoint()
-        if (epoch + 1) * steps_per_epoch > resumed_from:  # not already evaluated before a stop
+        # not already evaluated before a stop
+        if (epoch + 1) * steps_per_epoch > resumed_from and dist.is_main:
             last_eval = run_eval(done)
 
-    # ---- finish: stats for reward whitening, the model in plain transformers format
+    # ---- finish (rank 0): stats for reward whitening, the model in plain transformers format
+    if not dist.is_main:
+        dist.barrier()  # until rank 0 has saved
+        return RewardResult(str(output_dir), {}, {}, steps=done, total_steps=total_steps)
     normalization = _normalization(model, train_data, config, pad_id, device, bf16)
     metrics: dict[str, float] = {
         "eval_accuracy": last_eval.get("accuracy", float("nan")),
@@ -598,6 +597,7 @@ def train(
         )
     )
     shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
+    dist.barrier()
     on_progress(1.0, "done")
     return RewardResult(
         output_dir=str(output_dir),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,21 @@ from sqlalchemy.orm import Session
 from app.db import Database
 from app.exports import formats
 from app.exports.query import make_context, read_session
-from app.exports.schemas import AsOf
 from app.exports.service import quality_reports
 from app.jobs.models import ModelKind, ModelVersion
 from app.jobs.specs import RewardJobSpec, parse_reward_spec, parse_score_spec
 from app.labeling.models import Completion, Prompt, Task, TaskCompletion
-from trainer.model_versions import finite, publish
+from trainer.model_versions import finite
 from trainer.reward import RankingGroup, RewardConfig, RewardScorer, train
+from trainer.training_job import (
+    answer_text,
+    export_params_as_of,
+    prompt_key,
+    publish_version,
+    read_once,
+    train_in_job,
+    trainer_config,
+)
 
 MIN_WEIGHT = 0.1
 
@@ -92,19 +100,16 @@ def load_training_data(
 ) -> TrainingData:
     """Read the spec's judgments and imported pairs in one consistent transaction, as of the
     given high-water mark (a resumed attempt reads exactly what the first one read)."""
-    params = spec.export_params()
-    if as_of is not None:
-        params = params.model_copy(update={"as_of": AsOf.model_validate(as_of)})
     data = TrainingData()
     annotators: list[tuple[RankingGroup, str | None]] = []
     with read_session(database) as db:
-        ctx = make_context(db, params, secret_key)
+        ctx = make_context(db, export_params_as_of(spec, as_of), secret_key)
         data.parameters = ctx.params.canonical()
         judgments = 0
         for row in formats.rankings_rows(ctx):
             ids = [c["id"] for c in row["completions"]]
             texts = [c["text"] for c in row["completions"]]
-            key = f"{row['campaign']}:{row['prompt_id']}"
+            key = prompt_key(row)
             if row["is_gold"]:
                 continue  # read below with its answer, judged or not
             held_out = row["split"] == "test"
@@ -137,9 +142,9 @@ def load_training_data(
                 continue
             group = RankingGroup(
                 row["prompt"],
-                [_text(row["chosen"]), _text(row["rejected"])],
+                [answer_text(row["chosen"]), answer_text(row["rejected"])],
                 [0, 1],
-                prompt_key=f"{row['campaign']}:{row['prompt_id']}",
+                prompt_key=prompt_key(row),
             )
             (data.eval if row["split"] == "test" else data.train).append(group)
             imported += 1
@@ -206,13 +211,6 @@ def gold_groups(ctx: Any) -> list[RankingGroup]:
     return groups
 
 
-def _text(value: Any) -> str:
-    """A TRL answer as text (conversational rows hold one assistant message)."""
-    if isinstance(value, list):
-        return "".join(m["content"] for m in value)
-    return value
-
-
 def _pairs(group: RankingGroup) -> int:
     k = len(group.ranks)
     return sum(1 for i in range(k) for j in range(i + 1, k) if group.ranks[i] != group.ranks[j])
@@ -220,9 +218,18 @@ def _pairs(group: RankingGroup) -> int:
 
 def reward_config(spec: RewardJobSpec) -> RewardConfig:
     """The trainer's config from the spec's training options (same names, checked by tests)."""
-    names = {f.name for f in fields(RewardConfig)}
-    options = {k: v for k, v in spec.training.model_dump().items() if k in names}
-    return RewardConfig(model_name_or_path=spec.backbone, **options)
+    return trainer_config(RewardConfig, spec, model_name_or_path=spec.backbone)
+
+
+def warm_start_path(ctx: Any, model_id: int) -> str:
+    """The folder of the reward model version a warm-started run begins from."""
+    from trainer.ppo_job import resolve_model_path
+
+    with ctx.database.session() as db:
+        model = db.get(ModelVersion, model_id)
+        if model is None or model.kind != ModelKind.reward:
+            raise ValueError(f"there is no reward model version {model_id} to warm-start from")
+        return resolve_model_path(model.path, Path(ctx.settings.data_dir))
 
 
 def score_tasks(
@@ -248,36 +255,30 @@ def run(ctx: Any) -> dict[str, Any]:
     ctx.report(0.0, "reading judgments")
     # The first attempt fixes the data's high-water mark; later attempts resume from the
     # checkpoint on exactly the same rows.
-    mark = Path(ctx.checkpoint_dir) / "as_of.json"
-    as_of = json.loads(mark.read_text()) if mark.is_file() else None
-    data = load_training_data(ctx.database, spec, ctx.settings.secret_key, as_of)
-    if as_of is None:
-        Path(ctx.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        mark.write_text(json.dumps(data.parameters["as_of"]))
+    data = read_once(
+        ctx, lambda as_of: load_training_data(ctx.database, spec, ctx.settings.secret_key, as_of)
+    )
     ctx.log.info("data: %s", json.dumps(data.counts, sort_keys=True))
     if not data.train:
         raise ValueError("no judgments to train on: label some tasks, or loosen the filters")
     config = reward_config(spec)
+    if spec.init_model_id is not None:
+        config.model_name_or_path = warm_start_path(ctx, spec.init_model_id)
+        ctx.log.info("warm start from reward model version %s", spec.init_model_id)
     work_dir = Path(ctx.checkpoint_dir) / "run"
 
     def on_progress(fraction: float, message: str) -> None:
         ctx.report(0.02 + 0.93 * fraction, message)
 
-    result = train(
-        config,
-        data.train,
-        data.eval,
-        work_dir,
-        device=ctx.device,
-        on_metric=ctx.metric,
+    # one process, or N data-parallel ones (trainer/launch.py) with the same result
+    result = train_in_job(
+        ctx,
+        train,
+        spec.processes,
+        (config, data.train, data.eval, work_dir),
+        {"gold_groups": data.gold or None, "noise_ceiling": data.noise_ceiling},
         on_progress=on_progress,
-        should_stop=ctx.should_stop,
-        gold_groups=data.gold or None,
-        noise_ceiling=data.noise_ceiling,
     )
-    if result.stopped:
-        ctx.check_stop()  # raises JobStopped: the worker requeues or cancels the job
-        raise RuntimeError("training stopped without a stop request")
     ctx.report(0.96, "scoring held-out tasks")
     task_scores = score_tasks(work_dir, data.eval_tasks, ctx.device)
 
@@ -293,16 +294,15 @@ def run(ctx: Any) -> dict[str, Any]:
         "normalization": finite(result.normalization),
         "task_scores": task_scores,
     }
-    folder = publish(
+    folder = publish_version(
         ctx,
+        spec,
         work_dir,
         "reward",
-        name=spec.name or f"reward {'+'.join(spec.campaigns)} (job {ctx.job_id})",
         kind=ModelKind.reward,
-        algorithm="reward",
         metrics=summary,
+        parent_id=spec.init_model_id,
     )
-    ctx.report(1.0, "done")
     return {
         "model_path": str(folder),
         "metrics": finite(result.metrics),

@@ -1,19 +1,81 @@
-"""What every trainer here shares: seeding, RNG state, device and autocast, AdamW parameter
-groups, and resumable checkpoints (written atomically, refused when they belong to another
-run). Used by `trainer.reward`, `trainer.sft` and `trainer.ppo`."""
+"""What every trainer here shares: the loop's hyperparameters (`TrainingConfig`), seeding, RNG
+state, device and autocast, AdamW with its warmup schedule, and resumable checkpoints (written
+atomically, refused when they belong to another run). Used by `trainer.reward`, `trainer.sft`,
+`trainer.dpo` and `trainer.ppo`."""
 
 from __future__ import annotations
 
 import math
 import os
 import random
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+SCHEDULES = ("cosine", "linear")
+
+
+@dataclass
+class TrainingConfig:
+    """The loop's hyperparameters, the same in every supervised trainer here (reward model, SFT,
+    DPO): batches, AdamW, precision, and when to log, evaluate and checkpoint. Each trainer's
+    config adds its own fields and restates those whose default or meaning is its own."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "The model to train: a local directory or hub id."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Examples per forward pass."})
+    grad_accumulation_steps: int = field(
+        default=1, metadata={"help": "Forward passes per optimizer step."}
+    )
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (not applied to biases and norms)."}
+    )
+    warmup_ratio: float = field(
+        default=0.03, metadata={"help": "Share of steps of linear warmup before the decay."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    epochs: int = field(default=1, metadata={"help": "Passes over the data."})
+    seed: int = field(default=42, metadata={"help": "Seeds torch, random, numpy and data order."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast; None = on when CUDA supports it."}
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch examples of similar length together (less padding)."},
+    )
+    length_group_size: int = field(
+        default=50,
+        metadata={"help": "Batches per megabatch that is sorted by length before batching."},
+    )
+    eval_every: int = field(
+        default=0, metadata={"help": "Evaluate every N optimizer steps; 0 = per epoch only."}
+    )
+    eval_batch_size: int = field(default=16, metadata={"help": "Examples per eval pass."})
+    logging_steps: int = field(
+        default=10, metadata={"help": "Report train/* metrics every N optimizer steps."}
+    )
+    save_every: int = field(
+        default=0,
+        metadata={"help": "Write a resumable checkpoint every N steps; 0 = only on stop."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accumulation_steps < 1 or self.epochs < 1:
+            raise ValueError("batch_size, grad_accumulation_steps and epochs must be >= 1")
+
+
+def check_schedule(schedule: str) -> None:
+    """A config's `lr_scheduler` must be one `lr_schedule` knows."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr_scheduler must be 'cosine' or 'linear', not {schedule!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -59,6 +121,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, schedule: str, warmup_ratio: float, total_steps: int
+) -> Any:
+    """Linear warmup over `warmup_ratio` of the steps, then "linear" or "cosine" decay to 0
+    (transformers' schedules, as HF Trainer and TRL use them)."""
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    make = (
+        get_cosine_schedule_with_warmup if schedule == "cosine" else get_linear_schedule_with_warmup
+    )
+    return make(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+
+
+def adamw_with_schedule(
+    model: nn.Module, config: TrainingConfig, total_steps: int, schedule: str = "linear"
+) -> tuple[torch.optim.Optimizer, Any]:
+    """(AdamW at the config's peak learning rate, its warmup-then-decay schedule)."""
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate)
+    return optimizer, lr_schedule(optimizer, schedule, config.warmup_ratio, total_steps)
+
+
 def json_safe(value: Any) -> Any:
     """NaN (no eval data, no gold) as null: strict JSON readers reject NaN."""
     if isinstance(value, float) and math.isnan(value):
@@ -68,11 +151,28 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def precision(config: Any, device: torch.device) -> tuple[bool, bool]:
+    """(bf16 autocast, gradient checkpointing): the config's, or on with CUDA where it says
+    None (bf16 only where the GPU supports it)."""
+    cuda = device.type == "cuda"
+    bf16 = config.bf16 if config.bf16 is not None else (cuda and torch.cuda.is_bf16_supported())
+    checkpointing = config.gradient_checkpointing
+    return bf16, checkpointing if checkpointing is not None else cuda
+
+
 def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write keeps the previous checkpoint
+
+
+def save_on_main(dist: Any, path: Path, state: Callable[[], dict[str, Any]]) -> None:
+    """`write_checkpoint(path, state())` on rank 0 (`dist`: trainer.distributed.Distributed),
+    every rank waiting until it is written; one process: just the write."""
+    with dist.main_writes() as main:
+        if main:
+            write_checkpoint(path, state())
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:

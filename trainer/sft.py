@@ -57,18 +57,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.data import length_grouped_batches
+from trainer.distributed import SINGLE, Distributed
 from trainer.generate import Prompt, as_messages, as_text
 from trainer.modeling import enable_checkpointing
 from trainer.runtime import (
+    TrainingConfig,
+    adamw_with_schedule,
     autocast,
+    check_schedule,
     json_safe,
     load_checkpoint,
-    param_groups,
+    precision,
     resolve_device,
     rng_state,
+    save_on_main,
     seed_everything,
     set_rng_state,
-    write_checkpoint,
 )
 
 __all__ = [
@@ -84,12 +88,13 @@ __all__ = [
 META_FILE = "prefloop_sft.json"
 CHECKPOINT_DIR = "checkpoint"
 IGNORE_INDEX = -100  # the label of a token that is not a target (cross_entropy's default)
-SCHEDULES = ("cosine", "linear")
 
 
 @dataclass
-class SFTConfig:
-    """Hyperparameters of one SFT run. Defaults are common choices for small policies."""
+class SFTConfig(TrainingConfig):
+    """Hyperparameters of one SFT run: the loop's (`trainer.runtime.TrainingConfig`: batches,
+    AdamW, precision, logging, eval and checkpoint cadence) and these. Defaults are common
+    choices for small policies."""
 
     model_name_or_path: str = field(
         metadata={"help": "The policy to fine-tune: a causal LM directory or hub id."}
@@ -105,21 +110,11 @@ class SFTConfig:
     batch_size: int = field(
         default=8, metadata={"help": "Examples (packed: rows) per forward pass."}
     )
-    grad_accumulation_steps: int = field(
-        default=1, metadata={"help": "Forward passes per optimizer step."}
-    )
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak AdamW learning rate."})
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW weight decay (not applied to biases and norms)."}
-    )
-    warmup_ratio: float = field(
-        default=0.03, metadata={"help": "Share of steps of linear warmup before the decay."}
-    )
     lr_scheduler: str = field(
         default="cosine",
         metadata={"help": "Decay after warmup: 'cosine' (InstructGPT's SFT) or 'linear'."},
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     epochs: int = field(
         default=1,
         metadata={"help": "Passes over the data. InstructGPT ran 16, past the eval-loss optimum."},
@@ -128,45 +123,18 @@ class SFTConfig:
         default=False,
         metadata={"help": "Pack examples into rows of max_length (kept apart; less padding)."},
     )
-    seed: int = field(default=42, metadata={"help": "Seeds torch, random, numpy and data order."})
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 autocast; None = on when CUDA supports it."}
-    )
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Recompute activations in backward; None = on with CUDA."},
-    )
-    group_by_length: bool = field(
-        default=True,
-        metadata={"help": "Batch examples of similar length together (less padding)."},
-    )
-    length_group_size: int = field(
-        default=50,
-        metadata={"help": "Batches per megabatch that is sorted by length before batching."},
     )
     eval_before: bool = field(
         default=True,
         metadata={"help": "Evaluate the starting policy first, to report the drop in loss."},
     )
-    eval_every: int = field(
-        default=0, metadata={"help": "Evaluate every N optimizer steps; 0 = per epoch only."}
-    )
-    eval_batch_size: int = field(default=16, metadata={"help": "Examples per eval pass."})
-    logging_steps: int = field(
-        default=10, metadata={"help": "Report train/* metrics every N optimizer steps."}
-    )
-    save_every: int = field(
-        default=0,
-        metadata={"help": "Write a resumable checkpoint every N steps; 0 = only on stop."},
-    )
 
     def __post_init__(self) -> None:
-        if self.lr_scheduler not in SCHEDULES:
-            raise ValueError(
-                f"lr_scheduler must be 'cosine' or 'linear', not {self.lr_scheduler!r}"
-            )
-        if self.batch_size < 1 or self.grad_accumulation_steps < 1 or self.epochs < 1:
-            raise ValueError("batch_size, grad_accumulation_steps and epochs must be >= 1")
+        super().__post_init__()
+        check_schedule(self.lr_scheduler)
         if self.max_length < 8:
             raise ValueError("max_length must be at least 8")
 
@@ -433,6 +401,46 @@ def _fingerprint(config: SFTConfig, examples: Sequence[EncodedExample]) -> str:
     return digest.hexdigest()
 
 
+def policy_to_train(
+    path: str | Path, device: torch.device, checkpointing: bool
+) -> tuple[nn.Module, Any, Any]:
+    """(policy in fp32 on `device`, tokenizer, the dtype its checkpoint was saved in): fp32
+    master weights whatever the checkpoint's dtype; bf16 only inside autocast."""
+    model, tokenizer = load_policy(path)
+    saved_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if checkpointing:
+        enable_checkpointing(model)
+    model.to(device=device, dtype=torch.float32)
+    return model, tokenizer, saved_dtype
+
+
+def save_policy(
+    model: nn.Module,
+    tokenizer: Any,
+    output_dir: Path,
+    saved_dtype: Any,
+    checkpointing: bool,
+    meta_file: str,
+    meta: dict[str, Any],
+) -> None:
+    """The trained policy in plain transformers format, in its checkpoint's dtype (bf16 and
+    fp16 stay so), with its tokenizer and `meta` (plus whether a chat template formatted the
+    data) in `meta_file`; the resumable checkpoint is removed."""
+    if checkpointing:  # off again, so the saved model is plain
+        if hasattr(model, "activation_checkpointing_disable"):  # transformers 5
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+    if isinstance(saved_dtype, torch.dtype) and saved_dtype in (torch.bfloat16, torch.float16):
+        model.to(saved_dtype)
+    model.config.use_cache = True
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    meta = {**meta, "chat_template": bool(getattr(tokenizer, "chat_template", None))}
+    (output_dir / meta_file).write_text(json.dumps(json_safe(meta), indent=2))
+    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
+
+
 def load_policy(path: str | Path) -> tuple[nn.Module, Any]:
     """(causal LM, tokenizer); the tokenizer gets pad = eos when it has none (safe: the labels
     come from the lengths, never from the pad id, so a real final EOS stays a target)."""
@@ -443,17 +451,6 @@ def load_policy(path: str | Path) -> tuple[nn.Module, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(path))
     return model, tokenizer
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, config: SFTConfig, total_steps: int) -> Any:
-    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-
-    make = (
-        get_cosine_schedule_with_warmup
-        if config.lr_scheduler == "cosine"
-        else get_linear_schedule_with_warmup
-    )
-    return make(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
 
 
 @torch.no_grad()
@@ -493,21 +490,24 @@ def train(
     on_metric: Callable[[int, str, float], None] = lambda step, name, value: None,
     on_progress: Callable[[float, str], None] = lambda fraction, message: None,
     should_stop: Callable[[], bool] = lambda: False,
+    dist: Distributed = SINGLE,
 ) -> SFTResult:
     """Fine-tune the policy on `train_examples`, evaluate on `eval_examples`, save it to
     output_dir (save_pretrained + tokenizer + prefloop_sft.json).
 
     `should_stop()` is asked before every optimizer step; when it says True, a resumable
     checkpoint goes to output_dir/checkpoint and the result has stopped=True. Calling `train`
-    again with the same arguments resumes it and ends with the same weights."""
+    again with the same arguments resumes it and ends with the same weights.
+
+    `dist` (trainer/distributed.py): one of several data-parallel processes. Each takes its
+    slice of every global batch of `batch_size` examples (rows), and the loss stays the mean
+    over the global step's target tokens, so the run follows the one-process loss curve; rank
+    0 evaluates, checkpoints and saves."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(device)
+    device = dist.device if dist.active else resolve_device(device)
     cuda = device.type == "cuda"
-    bf16 = config.bf16 if config.bf16 is not None else (cuda and torch.cuda.is_bf16_supported())
-    checkpointing = (
-        config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda
-    )
+    bf16, checkpointing = precision(config, device)
     history: list[tuple[int, str, float]] = []
 
     def emit(step: int, name: str, value: float) -> None:
@@ -516,12 +516,9 @@ def train(
 
     # ---- model
     seed_everything(config.seed)
-    model, tokenizer = load_policy(config.model_name_or_path)
-    saved_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    if checkpointing:
-        enable_checkpointing(model)
-    # fp32 master weights whatever the checkpoint's dtype; bf16 only inside autocast.
-    model.to(device=device, dtype=torch.float32)
+    model, tokenizer, saved_dtype = policy_to_train(
+        config.model_name_or_path, device, checkpointing
+    )
     pad_id = tokenizer.pad_token_id
 
     # ---- data: tokenised once
@@ -543,6 +540,7 @@ def train(
     else:
         units = [[i] for i in range(len(train_data))]
     lengths = [sum(train_data[i].length for i in unit) for unit in units]
+    unit_targets = [sum(train_data[i].targets for i in unit) for unit in units]
     megabatch = config.length_group_size if config.group_by_length else None
     micro_per_epoch = math.ceil(len(units) / config.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accumulation_steps)
@@ -555,8 +553,7 @@ def train(
         return collate([train_data[units[u][0]] for u in indices], pad_id)
 
     # ---- optimizer: AdamW, linear warmup then cosine or linear decay
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.learning_rate)
-    scheduler = _scheduler(optimizer, config, total_steps)
+    optimizer, scheduler = adamw_with_schedule(model, config, total_steps, config.lr_scheduler)
 
     # ---- resume from a checkpoint of the same run, if there is one
     checkpoint = output_dir / CHECKPOINT_DIR / "state.pt"
@@ -575,11 +572,15 @@ def train(
         set_rng_state(state["rng"])
         on_progress(done / total_steps, f"resumed at step {done}/{total_steps}")
     resumed_from = done
+    # The model that backpropagates: DDP's wrapper (which also makes every rank start from
+    # rank 0's weights), or the model itself in one process.
+    forward = dist.wrap(model)
 
     def save_checkpoint() -> None:
-        write_checkpoint(
+        save_on_main(
+            dist,
             checkpoint,
-            {
+            lambda: {
                 "fingerprint": fingerprint,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -599,7 +600,7 @@ def train(
             emit(step, "eval/perplexity", metrics["perplexity"])
         return metrics
 
-    if config.eval_before and done == 0 and eval_data:
+    if config.eval_before and done == 0 and eval_data and dist.is_main:
         before = run_eval(0)
 
     # ---- the loop
@@ -611,7 +612,7 @@ def train(
         for step_in_epoch in range(steps_per_epoch):
             if epoch * steps_per_epoch + step_in_epoch < done:
                 continue  # done before the checkpoint
-            if should_stop():
+            if dist.any(should_stop()):
                 save_checkpoint()
                 on_progress(done / total_steps, f"stopped at step {done}/{total_steps}")
                 return SFTResult(
@@ -623,21 +624,29 @@ def train(
                     history=history,
                 )
             start = step_in_epoch * config.grad_accumulation_steps
-            micro = [make_batch(b) for b in batches[start : start + config.grad_accumulation_steps]]
-            # One normaliser for the whole optimizer step: every completion token of the k
-            # micro-batches weighs the same, as in one pass over all of them.
-            normalizer = sum(b.num_targets for b in micro) or 1
+            step_batches = batches[start : start + config.grad_accumulation_steps]
+            # One normaliser for the whole (global) optimizer step: every completion token of
+            # its k micro-batches weighs the same, as in one pass over all of them.
+            normalizer = sum(unit_targets[u] for b in step_batches for u in b) or 1
             began = time.perf_counter()
-            step_loss = 0.0
-            for batch in micro:
-                batch = batch.to(device)
-                with autocast(device, bf16):
-                    logits = model(**batch.model_inputs(), use_cache=False).logits  # (B, T, V)
-                loss = token_loss_sum(logits, batch.labels) / normalizer
-                loss.backward()
-                step_loss += loss.item()
-                totals["tokens"] += batch.num_tokens
-                window["tokens"] += batch.num_tokens
+            step_loss, step_tokens = 0.0, 0  # this rank's, summed over ranks below
+            for k, global_batch in enumerate(step_batches):
+                indices, stand_in = dist.shard(global_batch)
+                batch = make_batch(indices).to(device)
+                with dist.no_sync(forward, sync=k == len(step_batches) - 1):
+                    with autocast(device, bf16):  # logits (B, T, V)
+                        logits = forward(**batch.model_inputs(), use_cache=False).logits
+                    loss = token_loss_sum(logits, batch.labels) / normalizer
+                    if stand_in:
+                        loss = loss * 0.0
+                    dist.backward(loss)
+                if not stand_in:
+                    step_loss += loss.item()
+                    step_tokens += batch.num_tokens
+            step_loss, step_tokens = dist.sum([step_loss, step_tokens])
+            step_tokens = int(step_tokens)
+            totals["tokens"] += step_tokens
+            window["tokens"] += step_tokens
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -665,14 +674,23 @@ def train(
             on_progress(
                 done / total_steps, f"epoch {epoch + 1}/{config.epochs}, step {done}/{total_steps}"
             )
-            if config.eval_every and done % config.eval_every == 0 and done % steps_per_epoch:
+            if (
+                config.eval_every
+                and done % config.eval_every == 0
+                and done % steps_per_epoch
+                and dist.is_main
+            ):
                 last_eval = run_eval(done)
             if config.save_every and done % config.save_every == 0 and done < total_steps:
                 save_checkpoint()
-        if (epoch + 1) * steps_per_epoch > resumed_from:  # not already evaluated before a stop
+        # not already evaluated before a stop
+        if (epoch + 1) * steps_per_epoch > resumed_from and dist.is_main:
             last_eval = run_eval(done)
 
-    # ---- finish: the policy in plain transformers format, in its checkpoint's dtype
+    # ---- finish (rank 0): the policy in plain transformers format, in its checkpoint's dtype
+    if not dist.is_main:
+        dist.barrier()  # until rank 0 has saved
+        return SFTResult(str(output_dir), {}, steps=done, total_steps=total_steps)
     metrics: dict[str, float] = {
         "eval_loss": last_eval.get("loss", float("nan")),
         "eval_perplexity": last_eval.get("perplexity", float("nan")),
@@ -691,30 +709,9 @@ def train(
         "train_seconds": totals["seconds"],
         "steps": done,
     }
-    if checkpointing:  # off again, so the saved model is plain
-        if hasattr(model, "activation_checkpointing_disable"):  # transformers 5
-            model.activation_checkpointing_disable()
-        else:
-            model.gradient_checkpointing_disable()
-    if isinstance(saved_dtype, torch.dtype) and saved_dtype in (torch.bfloat16, torch.float16):
-        model.to(saved_dtype)
-    model.config.use_cache = True
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    (output_dir / META_FILE).write_text(
-        json.dumps(
-            json_safe(
-                {
-                    "format": "prefloop-sft/1",
-                    "config": asdict(config),
-                    "metrics": metrics,
-                    "chat_template": formatter.chat,
-                }
-            ),
-            indent=2,
-        )
-    )
-    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
+    meta = {"format": "prefloop-sft/1", "config": asdict(config), "metrics": metrics}
+    save_policy(model, tokenizer, output_dir, saved_dtype, checkpointing, META_FILE, meta)
+    dist.barrier()
     on_progress(1.0, "done")
     return SFTResult(
         output_dir=str(output_dir),

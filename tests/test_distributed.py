@@ -1,0 +1,299 @@
+"""Data-parallel training (trainer/distributed.py, trainer/launch.py): the sharding math on
+hand-made tensors, and real 2-process runs on CPU (gloo), launched through `accelerate launch`
+as the worker launches them, that follow the one-process loss curve to the same weights: the
+reward model, SFT and DPO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("accelerate")
+
+from tests.test_dpo import config as dpo_config  # noqa: E402
+from tests.test_dpo import pairs  # noqa: E402
+from tests.test_reward_training import HELD_OUT, TRAIN  # noqa: E402
+from tests.test_reward_training import config as reward_config  # noqa: E402
+from tests.test_reward_training import vocabulary as reward_vocabulary  # noqa: E402
+from tests.test_sft import config as sft_config  # noqa: E402
+from tests.test_sft import demonstrations  # noqa: E402
+from tests.test_sft import vocabulary as sft_vocabulary  # noqa: E402
+from tests.tiny_models import causal_lm, reward_model, tokenizer_for  # noqa: E402
+from trainer import distributed  # noqa: E402
+from trainer.distributed import SINGLE, Distributed, shard, shard_or_stand_in  # noqa: E402
+from trainer.launch import LaunchError, launch  # noqa: E402
+from trainer.launched import STOP  # noqa: E402
+
+# --- the helpers, on hand-made inputs ---------------------------------------------------------
+
+
+def test_each_rank_takes_a_slice_of_every_global_batch():
+    batch = [10, 11, 12, 13, 14]
+    assert shard(batch, 0, 2) == [10, 12, 14] and shard(batch, 1, 2) == [11, 13]
+    slices = [shard(batch, r, 3) for r in range(3)]
+    assert sorted(x for s in slices for x in s) == batch  # every example once, none twice
+    assert [len(s) for s in slices] == [2, 2, 1]
+    # a last batch smaller than the world: the empty rank runs a zero-weight stand-in
+    assert shard_or_stand_in([7], 0, 2) == ([7], False)
+    assert shard_or_stand_in([7], 1, 2) == ([7], True)
+    assert Distributed(rank=1, world_size=2).shard([7, 8, 9]) == ([8], False)
+
+
+def test_one_process_helpers_change_nothing():
+    model = torch.nn.Linear(2, 1)
+    assert SINGLE.wrap(model) is model
+    assert SINGLE.shard([1, 2, 3]) == ([1, 2, 3], False)
+    values = [1, 2.5]
+    assert SINGLE.sum(values) == values and type(SINGLE.sum(values)[0]) is int
+    assert SINGLE.any(True) and not SINGLE.any(False)
+    assert distributed.init("cpu") is SINGLE  # no WORLD_SIZE: one process
+
+
+def _token_losses(weight: torch.Tensor, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Summed squared error of each row's tokens: a stand-in for a summed token loss."""
+    return [((row @ weight) ** 2).sum() for row in rows]
+
+
+def test_rank_shares_of_a_token_weighted_loss_average_to_the_one_process_gradient():
+    """Rows of 1, 4 and 2 tokens, two ranks. Each rank divides by the global step's token
+    count and backpropagates world_size x its share; DDP's average of the two gradients is
+    then the one-process gradient. A rank-local mean (each rank dividing by its own tokens)
+    would weigh rank 1's long row less, and gives another gradient."""
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(n, 3, generator=gen) for n in (1, 4, 2)]
+    tokens = sum(len(r) for r in rows)
+
+    weight = torch.randn(3, generator=gen, requires_grad=True)
+    (sum(_token_losses(weight, rows)) / tokens).backward()
+    single = weight.grad.clone()
+
+    per_rank = []
+    for rank in range(2):
+        dist = Distributed(rank=rank, world_size=2)
+        weight.grad = None
+        mine, stand_in = dist.shard(rows)
+        assert not stand_in
+        dist.backward(sum(_token_losses(weight, mine)) / tokens)
+        per_rank.append(weight.grad.clone())
+    torch.testing.assert_close((per_rank[0] + per_rank[1]) / 2, single)  # what DDP does
+
+    local_means = []
+    for rank in range(2):
+        weight.grad = None
+        mine = shard(rows, rank, 2)
+        (sum(_token_losses(weight, mine)) / sum(len(r) for r in mine)).backward()
+        local_means.append(weight.grad.clone())
+    assert not torch.allclose((local_means[0] + local_means[1]) / 2, single, atol=1e-4)
+
+
+def test_sharded_strategies_are_refused_not_ignored(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match="data-parallel"):
+        distributed.init("cpu")
+
+
+def test_a_launch_needs_two_processes_and_a_plain_device(tmp_path):
+    with pytest.raises(ValueError, match="processes"):
+        launch("trainer.sft:train", (), {}, processes=1, device="cpu", run_dir=tmp_path)
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        launch("trainer.sft:train", (), {}, processes=2, device="cuda:1", run_dir=tmp_path)
+
+
+# --- 2 processes against 1 -------------------------------------------------------------------
+
+
+def _metrics(history, name: str) -> list[tuple[int, float]]:
+    return [(step, value) for step, n, value in history if n == name]
+
+
+def _assert_same_curve(got, want, name: str) -> None:
+    got, want = _metrics(got, name), _metrics(want, name)
+    assert got and [s for s, _ in got] == [s for s, _ in want], name
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4, abs=1e-6), name
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
+
+
+def test_two_processes_resume_a_reward_run_to_the_one_process_weights(tmp_path):
+    """89 judgments in global batches of 8: every batch splits 4 + 4 except the last, one
+    judgment, where rank 1 runs a zero-weight stand-in. Gradient accumulation, centering,
+    margins and tie targets are on, so every piece of the loss is sharded. A one-process run
+    stops after 3 of 6 steps; 2 processes resume its checkpoint and finish with the curve and
+    weights of the uninterrupted one-process run."""
+    from transformers import AutoModelForSequenceClassification
+
+    from trainer.reward import train
+
+    backbone = tmp_path / "backbone"
+    tokenizer = tokenizer_for(reward_vocabulary())
+    reward_model(tokenizer).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    settings = reward_config(
+        backbone,
+        epochs=2,
+        batch_size=8,
+        grad_accumulation_steps=4,
+        logging_steps=1,
+        ties="half",
+        use_margin=True,
+        center_rewards_coefficient=0.01,
+    )
+    data, gold = TRAIN[:89], {"gold_groups": HELD_OUT[:10]}
+    straight = train(settings, data, HELD_OUT, tmp_path / "straight", **gold)
+    assert straight.steps == 6  # 12 micro-batches / 4, two epochs
+
+    calls = {"n": 0}
+
+    def stop_after_four() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 5
+
+    out = tmp_path / "resumed"
+    stopped = train(settings, data, HELD_OUT, out, should_stop=stop_after_four, **gold)
+    assert stopped.stopped and stopped.steps == 4
+    events: list[tuple[int, str, float]] = []
+    progress: list[float] = []
+    resumed = launch(
+        "trainer.reward:train",
+        (settings, data, HELD_OUT, out),
+        gold,
+        processes=2,
+        device="cpu",
+        run_dir=tmp_path / "launch",
+        on_metric=lambda step, name, value: events.append((step, name, value)),
+        on_progress=lambda fraction, message: progress.append(fraction),
+    )
+    assert not resumed.stopped and resumed.steps == 6
+    # rank 0 reports the global numbers, forwarded to on_metric as they came
+    assert events == resumed.history and progress[-1] == 1.0
+    curve = stopped.history + resumed.history
+    for name in ("train/loss", "train/accuracy", "train/grad_norm", "eval/loss", "gold/accuracy"):
+        _assert_same_curve(curve, straight.history, name)
+    assert resumed.metrics["eval_accuracy"] == pytest.approx(straight.metrics["eval_accuracy"])
+    assert resumed.normalization["mean"] == pytest.approx(
+        straight.normalization["mean"], rel=1e-4, abs=1e-5
+    )
+    _assert_same_weights(
+        AutoModelForSequenceClassification.from_pretrained(out).state_dict(),
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "straight").state_dict(),
+    )
+    assert not (out / "checkpoint").exists()
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("policy")
+    tokenizer = tokenizer_for(sft_vocabulary())
+    causal_lm(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _weights(folder: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def test_two_processes_follow_the_sft_curve_stop_together_and_resume_in_one(policy, tmp_path):
+    """Token-weighted: examples of two lengths in global batches of 3 (2 + 1 per rank; the
+    last of each epoch 1 + a stand-in). The 2-process run follows the one-process curve until
+    the worker's stop request (a STOP file) stops both ranks at the same step; the checkpoint
+    rank 0 wrote then resumes in one process to the uninterrupted run's weights."""
+    from trainer.sft import SFTExample, train
+
+    settings = sft_config(
+        policy, batch_size=3, grad_accumulation_steps=2, epochs=20, learning_rate=5e-3
+    )
+    longer = [
+        SFTExample(e.prompt, f"{e.completion} {e.completion}", e.prompt_key)
+        for e in demonstrations(4, offset=9)
+    ]
+    data = demonstrations(9) + longer
+    held = demonstrations(4, offset=20)
+    straight = train(settings, data, held, tmp_path / "straight")
+    assert straight.steps == 60  # 13 examples / 3 = 5 micro-batches, 3 steps, 20 epochs
+
+    out = tmp_path / "run"
+    seen: list[tuple[int, str, float]] = []
+    stopped = launch(
+        "trainer.sft:train",
+        (settings, data, held, out),
+        {},
+        processes=2,
+        device="cpu",
+        run_dir=tmp_path / "launch",
+        on_metric=lambda step, name, value: seen.append((step, name, value)),
+        should_stop=lambda: any(name == "train/loss" for _, name, _ in seen),
+    )
+    assert (tmp_path / "launch" / STOP).exists()
+    assert stopped.stopped and 1 <= stopped.steps < 60, stopped.steps
+    assert (out / "checkpoint" / "state.pt").exists() and not (out / "prefloop_sft.json").exists()
+    for name in ("train/loss", "train/grad_norm", "eval/loss"):
+        want = [e for e in straight.history if e[0] <= stopped.steps]
+        _assert_same_curve(stopped.history, want, name)
+
+    resumed = train(settings, data, held, out)  # the same checkpoint format as one process's
+    assert not resumed.stopped and resumed.steps == 60
+    _assert_same_weights(_weights(out), _weights(tmp_path / "straight"))
+    assert resumed.metrics["eval_loss"] == pytest.approx(straight.metrics["eval_loss"], rel=1e-4)
+
+
+def test_two_processes_share_the_dpo_reference_and_follow_the_one_process_curve(policy, tmp_path):
+    """13 pairs in global batches of 3, 2 per step: each epoch's last step is one pair, where
+    rank 1 runs a zero-weight stand-in. A 2-process run, stopped by the worker before its first
+    step, has computed the reference log-probs (each rank half the pairs) and checkpointed them;
+    2 processes resume from that, reuse them, and follow the one-process run's curve to its
+    weights."""
+    from trainer.dpo import CHECKPOINT_DIR, REFERENCE_FILE, encode_pair, sequence_logps, train
+    from trainer.sft import SFTFormatter, load_policy
+
+    settings = dpo_config(policy, batch_size=3, grad_accumulation_steps=2, epochs=4, eval_every=2)
+    data, held = pairs(13), pairs(4, offset=13)
+    straight = train(settings, data, held, tmp_path / "straight")
+    assert straight.steps == 12  # 5 micro-batches (3, 3, 3, 3, 1) / 2 = 3 steps, 4 epochs
+
+    out = tmp_path / "run"
+    run = ((settings, data, held, out), {})
+    stopped = launch(
+        "trainer.dpo:train",
+        *run,
+        processes=2,
+        device="cpu",
+        run_dir=tmp_path / "launch",
+        should_stop=lambda: True,  # the STOP file is there before the ranks have started
+    )
+    assert stopped.stopped and stopped.steps == 0 and not stopped.reference_reused
+    # the table the two ranks computed is the one-process reference, row for row
+    model, tokenizer = load_policy(policy)
+    encoded = [encode_pair(SFTFormatter(tokenizer, settings.max_length), p) for p in data]
+    alone = sequence_logps(
+        model, encoded, tokenizer.pad_token_id, torch.device("cpu"), False, batch_size=16
+    )
+    saved = torch.load(out / CHECKPOINT_DIR / REFERENCE_FILE, weights_only=False)
+    torch.testing.assert_close(saved["train"], alone, atol=1e-5, rtol=1e-5)
+
+    resumed = launch(
+        "trainer.dpo:train", *run, processes=2, device="cpu", run_dir=tmp_path / "launch"
+    )
+    assert not resumed.stopped and resumed.steps == 12 and resumed.reference_reused
+    for name in ("train/loss", "rewards/margin", "logps/chosen", "train/grad_norm", "eval/loss"):
+        _assert_same_curve(resumed.history, straight.history, name)
+    for name in ("eval_loss", "eval_reward_margin", "train_reward_margin"):
+        assert resumed.metrics[name] == pytest.approx(straight.metrics[name], rel=1e-4, abs=1e-6)
+    _assert_same_weights(_weights(out), _weights(tmp_path / "straight"))
+    assert not (out / CHECKPOINT_DIR).exists()
+
+
+def test_a_failing_launch_raises_with_the_log_tail(tmp_path):
+    with pytest.raises(
+        LaunchError, match=r"status 1 and no result: rank \d: ModuleNotFoundError.*trainer\.nope"
+    ):
+        launch("trainer.nope:train", (), {}, processes=2, device="cpu", run_dir=tmp_path)
