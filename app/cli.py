@@ -23,6 +23,7 @@ from app.jobs.cli import job_cli, worker_command
 from app.jobs.models_cli import generate_command, model_cli
 from app.jobs.train_cli import reward_cli, train_cli
 from app.labeling.import_cli import import_file
+from app.loop.cli import loop_cli, policies_command
 
 cli = typer.Typer(
     help="prefloop: human preference labeling and the RLHF loop that uses it.",
@@ -47,6 +48,8 @@ cli.add_typer(train_cli, name="train")
 cli.add_typer(reward_cli, name="reward")
 cli.add_typer(model_cli, name="model")
 cli.command("generate")(generate_command)
+cli.add_typer(loop_cli, name="loop")
+cli.command("policies")(policies_command)
 
 
 # --- serve ------------------------------------------------------------------------------------

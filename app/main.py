@@ -26,6 +26,7 @@ from app.jobs import views as jobs_views
 from app.labeling import api as labeling_api
 from app.labeling import import_views
 from app.labeling import views as labeling_views
+from app.loop import views as loop_views
 from app.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
 from app.quality import views as quality_views
 from app.web import ROOT
@@ -90,6 +91,8 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         exports_api.router,
         jobs_views.router,
         jobs_api.router,
+        loop_views.admin_router,
+        loop_views.research_router,
         api.router,
         api.health_router,
     ):

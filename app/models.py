@@ -19,6 +19,7 @@ from app.labeling.models import (
     TaskCompletion,
     TaskStatus,
 )
+from app.loop.models import AuditPair, LoopIteration, LoopState, PolicyLoop, Stage
 from app.quality.models import LabelerExclusion, QualityReport
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "Assignment",
     "AssignmentState",
     "AuditEvent",
+    "AuditPair",
     "Base",
     "Campaign",
     "CampaignGuidelines",
@@ -42,11 +44,15 @@ __all__ = [
     "Judgment",
     "LabelerExclusion",
     "LoginAttempt",
+    "LoopIteration",
+    "LoopState",
     "ModelKind",
     "ModelVersion",
+    "PolicyLoop",
     "Prompt",
     "QualityReport",
     "Role",
+    "Stage",
     "Task",
     "TaskCompletion",
     "TaskStatus",

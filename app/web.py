@@ -221,12 +221,14 @@ NAVIGATION: dict[Role, list[tuple[str, str]]] = {
         ("Research", "/research"),
         ("Jobs", "/jobs"),
         ("Models", "/models"),
+        ("Policies", "/policies"),
         ("API tokens", "/tokens"),
     ],
     Role.researcher: [
         ("Research", "/research"),
         ("Jobs", "/jobs"),
         ("Models", "/models"),
+        ("Policies", "/policies"),
         ("API tokens", "/tokens"),
     ],
 }

@@ -78,6 +78,16 @@ def fresh_database_url(backend: Backend) -> Iterator[str]:
 
 
 @pytest.fixture
+def live(fresh_database_url: str, tmp_path: Path) -> Iterator[tuple[Database, Settings]]:
+    """A database of its own and settings with a data folder, for tests that run a real
+    worker (which commits) against the app."""
+    database = Database(fresh_database_url)
+    settings = make_settings(database_url=fresh_database_url, data_dir=tmp_path / "data")
+    yield database, settings
+    database.dispose()
+
+
+@pytest.fixture
 def connection(backend: Backend) -> Iterator[Connection]:
     """A connection in an outer transaction that is rolled back after the test."""
     engine = make_engine(backend.template_url)

@@ -17,7 +17,6 @@ from sqlalchemy import select
 from app.auth import service as auth_service
 from app.auth.models import Role, User
 from app.campaigns.models import Campaign
-from app.db import Database
 from app.jobs import registry
 from app.jobs import service as job_service
 from app.jobs.models import Job, JobState
@@ -27,7 +26,6 @@ from app.labeling import service as labeling
 from app.labeling.models import Completion, CompletionSource, Prompt, Task, TaskStatus
 from app.labeling.schemas import JudgmentIn
 from app.main import create_app
-from tests.conftest import make_settings
 from tests.factories import make_campaign, make_labeler, make_task
 from tests.test_openai_client import vllm  # noqa: F401  (the fixture)
 from tests.tiny_models import causal_lm, tokenizer_for
@@ -168,14 +166,6 @@ def test_a_tiny_model_resamples_its_repeats(sampler):
 
 
 # --- the job, end to end -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def live(fresh_database_url, tmp_path):
-    database = Database(fresh_database_url)
-    settings = make_settings(database_url=fresh_database_url, data_dir=tmp_path / "data")
-    yield database, settings
-    database.dispose()
 
 
 def seed_campaign(db, slug: str):

@@ -71,6 +71,19 @@ def test_claim_order_run_after_and_kinds(db):
     assert claim(db, kinds=None).job_id == other_kind.id
 
 
+def test_a_worker_claims_only_jobs_it_has_devices_for(db):
+    four = service.enqueue(db, kind="k", config={"processes": 4}, now=T0, priority=9)
+    two = service.enqueue(db, kind="k", config={"processes": 2}, now=T0)
+    db.commit()
+    assert (four.processes, two.processes) == (4, 2)
+    lease = service.claim(db, worker_id="two-gpus", lease_seconds=LEASE, now=T0, max_processes=2)
+    assert lease is not None and lease.job_id == two.id  # the 4-process job waits
+    assert service.claim(db, worker_id="w", lease_seconds=LEASE, now=T0, max_processes=2) is None
+    assert service.claim(db, worker_id="w", lease_seconds=LEASE, now=T0).job_id == four.id
+    with pytest.raises(service.JobError, match="processes"):
+        service.enqueue(db, kind="k", config={"processes": 0})
+
+
 def test_heartbeat_extends_lease_and_reports(db):
     job = queue(db)
     lease = claim(db)

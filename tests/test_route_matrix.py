@@ -83,8 +83,12 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/jobs/new"): {RESEARCHER, ADMIN},
     ("GET", "/jobs/new/ppo"): {RESEARCHER, ADMIN},
     ("POST", "/jobs/new/ppo"): {RESEARCHER, ADMIN},
+    ("GET", "/jobs/new/rloo"): {RESEARCHER, ADMIN},
+    ("POST", "/jobs/new/rloo"): {RESEARCHER, ADMIN},
     ("GET", "/jobs/new/sft"): {RESEARCHER, ADMIN},
     ("POST", "/jobs/new/sft"): {RESEARCHER, ADMIN},
+    ("GET", "/jobs/new/dpo"): {RESEARCHER, ADMIN},
+    ("POST", "/jobs/new/dpo"): {RESEARCHER, ADMIN},
     ("GET", "/jobs/{job_id}"): {RESEARCHER, ADMIN},
     ("POST", "/jobs/{job_id}/cancel"): {RESEARCHER, ADMIN},
     ("POST", "/jobs/{job_id}/retry"): {RESEARCHER, ADMIN},
@@ -107,6 +111,12 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("POST", "/api/v1/models"): {ADMIN},
     ("GET", "/generate"): {RESEARCHER, ADMIN},
     ("POST", "/generate"): {RESEARCHER, ADMIN},
+    # the loop (a campaign's loop, policy versions)
+    ("GET", "/admin/campaigns/{slug}/loop"): {ADMIN},
+    ("POST", "/admin/campaigns/{slug}/loop"): {ADMIN},
+    ("POST", "/admin/campaigns/{slug}/loop/{action}"): {ADMIN},
+    ("GET", "/policies"): {RESEARCHER, ADMIN},
+    ("GET", "/api/v1/policies"): {RESEARCHER, ADMIN},
     # labeling (pages and API)
     ("GET", "/label/history"): {LABELER},
     ("GET", "/label/{slug}"): {LABELER},
@@ -134,6 +144,7 @@ SAMPLE_PARAMS = {
     "job_id": "999999",
     "model_id": "999999",
     "name": "train.jsonl",
+    "action": "pause",
 }
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 

@@ -264,6 +264,17 @@ def test_worker_configuration_errors(settings, database):
     with pytest.raises(HandlerError, match="module:function"):
         resolve("nocolon")
     assert set(registry([HANDLERS])) >= {"test_count", "test_flaky", "test_record"}
+    with pytest.raises(ValueError, match="max_processes"):
+        Worker(settings, handler_modules=[HANDLERS], database=database, max_processes=0)
+
+
+def test_the_process_limit_follows_the_devices(settings, database):
+    def limit(**options):
+        return Worker(settings, handler_modules=[HANDLERS], database=database, **options)
+
+    assert limit(device="cpu").process_limit() is None  # gloo: any number of processes
+    assert limit(device="cuda:1").process_limit() == 1  # pinned to one GPU
+    assert limit(device="cpu", max_processes=3).process_limit() == 3
 
 
 def test_the_worker_claims_only_its_kinds(settings, database):

@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,9 @@ from app.campaigns import service as campaigns
 from app.jobs import registry
 from app.jobs.models import Job, JobState, ModelVersion
 from app.jobs.specs import GenerateJobSpec, parse_generate_spec
-from trainer.generate import HFSampler, Prompt, Sampler, sample_distinct
+from app.labeling.models import Completion
+from app.loop.audits import add_audit_task, is_audit_prompt, old_sample
+from trainer.generate import HFSampler, Prompt, Sampler, sample_distinct, text_hash
 from trainer.openai_client import OpenAIClient
 
 PROMPTS_FILE = "prompts.json"
@@ -189,10 +192,14 @@ def run(ctx: Any) -> dict[str, Any]:
         k = registry.per_task(campaign)
         location = None
         if spec.model_id is not None:
-            model = db.get(ModelVersion, spec.model_id)
-            if model is None:
-                raise ValueError(f"there is no model version {spec.model_id}")
-            location = model_location(ctx.settings.data_dir, model.path)
+            location = version_location(db, ctx, spec.model_id)
+        # Audits, scoring and KL: the other models' folders (the spec allows them with a
+        # local model only).
+        others = {
+            name: version_location(db, ctx, getattr(spec, name))
+            for name in ("audit_against_id", "reward_model_id", "reference_id")
+            if getattr(spec, name) is not None
+        }
         db.expunge(campaign)
     ctx.log.info(
         "%s prompt(s) planned, %s still to sample, K = %s, %s",
@@ -201,7 +208,13 @@ def run(ctx: Any) -> dict[str, Any]:
         k,
         f"model {location}" if location else f"endpoint {spec.endpoint.base_url}",
     )
-    totals = {"tasks_created": 0, "completions": 0, "sampled": 0, "duplicates_resampled": 0}
+    totals = {
+        "tasks_created": 0,
+        "completions": 0,
+        "sampled": 0,
+        "duplicates_resampled": 0,
+        "audit_tasks": 0,
+    }
     short: list[int] = []
     if not todo:
         ctx.report(1.0, "no prompt lacks completions")
@@ -210,6 +223,7 @@ def run(ctx: Any) -> dict[str, Any]:
     backend: Backend = (
         LocalBackend(spec, location, ctx.device) if location else EndpointBackend(spec, ctx.log)
     )
+    audits = Audits(spec, ctx, backend, others) if location else None
     params = {
         **registry.generator_key(spec),
         **spec.sampling(),
@@ -227,24 +241,31 @@ def run(ctx: Any) -> dict[str, Any]:
                 contents = registry.prompt_contents(db, batch)
                 existing = registry.existing_hashes(db, batch)
             batch = [pid for pid in batch if pid in contents]
-            prompts = [contents[pid] for pid in batch]
+            audited = [pid for pid in batch if audits is not None and audits.wanted(pid)]
+            plain = [pid for pid in batch if pid not in audited]
+            prompts = [contents[pid] for pid in plain]
             step = first_step + batch_number + 1
             began = time.perf_counter()
             found = sample_distinct(
                 backend.make_sampler(step),
                 prompts,
                 k,
-                existing=[existing[pid] for pid in batch],
+                existing=[existing[pid] for pid in plain],
                 max_rounds=spec.resample_rounds,
             )
+            pairs = audits.sample(step, audited, contents, existing) if audits and audited else []
             seconds += time.perf_counter() - began
+            measured = audits.measure(prompts, found.completions) if audits else None
             ctx.check_stop()  # a stopped job does not write a batch sampled after the stop
-            written = _write(ctx, spec, campaign, batch, found.completions, k, params)
-            totals["tasks_created"] += written
-            totals["completions"] += written * k
+            written = _write(ctx, spec, campaign, plain, found.completions, k, params, measured)
+            audit_written = audits.write(campaign, pairs, params) if pairs else 0
+            totals["tasks_created"] += written + audit_written
+            totals["audit_tasks"] += audit_written
+            totals["completions"] += written * k + audit_written * 2
             totals["sampled"] += found.sampled
             totals["duplicates_resampled"] += found.duplicates
-            short += [batch[i] for i in found.short]
+            short += [plain[i] for i in found.short]
+            short += [p.prompt_id for p in pairs if p.new is None or p.old is None]
             done += len(batch)
             rate = found.sampled / found.seconds if found.seconds else 0.0
             ctx.metrics(
@@ -272,6 +293,8 @@ def run(ctx: Any) -> dict[str, Any]:
             )
     finally:
         backend.close()
+    if audits is not None:
+        totals["sampled"] += audits.sampled
     ctx.report(1.0, "done")
     return _result(spec, planned, done, totals, short, seconds)
 
@@ -284,27 +307,197 @@ def _write(
     completions: list[list[tuple[str, str]]],
     k: int,
     params: dict[str, Any],
+    measured: list[list[dict[str, Any]]] | None = None,
 ) -> int:
-    """One batch's completions and tasks, in one fenced transaction; how many tasks."""
+    """One batch's completions and tasks, in one fenced transaction; how many tasks.
+    `measured`: per prompt, per completion, what the evaluator measured (stored with it)."""
     written = 0
     with ctx.database.session() as db:
         if not _held(db, ctx):
             raise RuntimeError("this attempt no longer holds the job; nothing written")
-        for prompt_id, group in zip(batch, completions, strict=True):
+        for index, (prompt_id, group) in enumerate(zip(batch, completions, strict=True)):
             if len(group) < k:
                 continue
+            extra = measured[index] if measured else [{} for _ in group]
             registry.add_generated_task(
                 db,
                 campaign=campaign,
                 prompt_id=prompt_id,
                 texts=[text for text, _ in group],
-                params=[{**params, "finish_reason": reason} for _, reason in group],
+                params=[
+                    {**params, "finish_reason": reason, **more}
+                    for (_, reason), more in zip(group, extra, strict=True)
+                ],
                 model_version_id=spec.model_id,
                 priority=spec.task_priority,
             )
             written += 1
         db.commit()
     return written
+
+
+def version_location(db: Any, ctx: Any, model_id: int) -> str:
+    model = db.get(ModelVersion, model_id)
+    if model is None:
+        raise ValueError(f"there is no model version {model_id}")
+    return model_location(ctx.settings.data_dir, model.path)
+
+
+@dataclass
+class AuditPlan:
+    """One audited prompt: the new policy's sample and the old version's (a stored
+    completion's id and text, or a fresh sample), and the reward model's scores."""
+
+    prompt_id: int
+    new: tuple[str, str] | None = None  # (text, finish_reason)
+    old_id: int | None = None  # a stored completion of the old version
+    old: tuple[str, str] | None = None  # its (text, finish reason), stored or fresh
+    measured: dict[str, Any] = field(default_factory=dict)  # of the new sample
+    old_score: float | None = None
+
+
+class Audits:
+    """The generation job's audits and measurements (local models only): which prompts get
+    an audit pair (a seeded share), sampling the new and the old version for them, and each
+    new sample's reward-model score and log-ratio to the reference."""
+
+    def __init__(
+        self, spec: GenerateJobSpec, ctx: Any, backend: Backend, others: dict[str, str]
+    ) -> None:
+        self.spec, self.ctx, self.backend = spec, ctx, backend
+        self.others = others
+        self.old_backend: LocalBackend | None = None  # loaded when a prompt needs it
+        self.sampled = 0  # samples drawn for audits, new and old
+        self.evaluator = None
+        if spec.reward_model_id is not None or spec.reference_id is not None:
+            from trainer.policy_eval import SampleEvaluator
+
+            assert isinstance(backend, LocalBackend)
+            self.evaluator = SampleEvaluator(
+                backend.sampler,
+                reward_model=others.get("reward_model_id"),
+                reference=others.get("reference_id"),
+                temperature=spec.temperature,
+                batch_size=spec.batch_size,
+            )
+
+    def wanted(self, prompt_id: int) -> bool:
+        return self.spec.audit_against_id is not None and is_audit_prompt(
+            prompt_id, self.spec.audit_share, self.spec.seed
+        )
+
+    def measure(
+        self, prompts: Sequence[Prompt], groups: Sequence[Sequence[tuple[str, str]]]
+    ) -> list[list[dict[str, Any]]] | None:
+        """Per prompt, per sample: reward, log_ratio, tokens (None without an evaluator)."""
+        if self.evaluator is None:
+            return None
+        flat = [
+            (p, text, reason) for p, g in zip(prompts, groups, strict=True) for text, reason in g
+        ]
+        values = self.evaluator.evaluate(
+            [p for p, _, _ in flat], [t for _, t, _ in flat], [r == "stop" for _, _, r in flat]
+        )
+        extra = {
+            "reward_model_id": self.spec.reward_model_id,
+            "reference_id": self.spec.reference_id,
+        }
+        out, position = [], 0
+        for group in groups:
+            out.append([{**values[position + i], **extra} for i in range(len(group))])
+            position += len(group)
+        return out
+
+    def sample(
+        self,
+        step: int,
+        prompt_ids: list[int],
+        contents: dict[int, Prompt],
+        existing: dict[int, set[str]],
+    ) -> list[AuditPlan]:
+        """The new sample of each audited prompt, and the old version's: a completion it
+        already wrote (seeded pick) or, when it has none, a fresh one from it."""
+        spec = self.spec
+        assert spec.audit_against_id is not None
+        plans = [AuditPlan(pid) for pid in prompt_ids]
+        with self.ctx.database.session() as db:
+            for plan in plans:
+                stored = old_sample(db, plan.prompt_id, spec.audit_against_id, spec.seed)
+                if stored is not None:
+                    plan.old_id, plan.old = stored.id, (stored.text, "stored")
+        need_old = [p for p in plans if p.old is None]
+        if need_old:
+            if self.old_backend is None:
+                self.old_backend = LocalBackend(
+                    spec, self.others["audit_against_id"], self.ctx.device
+                )
+            fresh = sample_distinct(
+                self.old_backend.make_sampler(step),
+                [contents[p.prompt_id] for p in need_old],
+                1,
+                existing=[existing[p.prompt_id] for p in need_old],
+                max_rounds=spec.resample_rounds,
+            )
+            for plan, group in zip(need_old, fresh.completions, strict=True):
+                plan.old = group[0] if group else None
+            self.sampled += fresh.sampled
+        # The new sample must differ from the old one (a tie by identity says nothing).
+        new = sample_distinct(
+            self.backend.make_sampler(step),
+            [contents[p.prompt_id] for p in plans],
+            1,
+            existing=[
+                existing[p.prompt_id] | ({text_hash(p.old[0])} if p.old else set()) for p in plans
+            ],
+            max_rounds=spec.resample_rounds,
+        )
+        for plan, group in zip(plans, new.completions, strict=True):
+            plan.new = group[0] if group else None
+        self.sampled += new.sampled
+        ready = [p for p in plans if p.new is not None and p.old is not None]
+        if self.evaluator is not None and ready:
+            prompts = [contents[p.prompt_id] for p in ready]
+            measured = self.measure(prompts, [[p.new] for p in ready]) or []
+            old_scores = self.evaluator.rewards(prompts, [p.old[0] for p in ready])
+            for plan, values, score in zip(ready, measured, old_scores, strict=True):
+                plan.measured, plan.old_score = values[0], score
+        return plans
+
+    def write(self, campaign: Any, plans: list[AuditPlan], params: dict[str, Any]) -> int:
+        """The audit tasks of one batch, in one fenced transaction; how many."""
+        spec, ctx = self.spec, self.ctx
+        assert spec.model_id is not None and spec.audit_against_id is not None
+        old_params = {**params, "model_id": spec.audit_against_id, "audit": True}
+        written = 0
+        with ctx.database.session() as db:
+            if not _held(db, ctx):
+                raise RuntimeError("this attempt no longer holds the job; nothing written")
+            for plan in plans:
+                if plan.new is None or plan.old is None:
+                    continue
+                text, reason = plan.new
+                old: Any = (
+                    db.get_one(Completion, plan.old_id)
+                    if plan.old_id is not None
+                    else (plan.old[0], {**old_params, "finish_reason": plan.old[1]})
+                )
+                add_audit_task(
+                    db,
+                    campaign=campaign,
+                    prompt_id=plan.prompt_id,
+                    new=(text, {**params, "finish_reason": reason, "audit": True, **plan.measured}),
+                    new_model_id=spec.model_id,
+                    old=old,
+                    old_model_id=spec.audit_against_id,
+                    job_id=ctx.job_id,
+                    reward_model_id=spec.reward_model_id,
+                    scores=(plan.measured.get("reward"), plan.old_score),
+                    seed=spec.seed,
+                    priority=spec.task_priority,
+                )
+                written += 1
+            db.commit()
+        return written
 
 
 def _result(

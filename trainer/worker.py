@@ -52,6 +52,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import Database
 from app.jobs import service
+from app.loop import service as loops
 from trainer.handlers import Handler, registry, resolve
 
 log = logging.getLogger("prefloop.worker")
@@ -279,8 +280,14 @@ class Worker:
         backoff_seconds: float = service.DEFAULT_BACKOFF_SECONDS,
         max_backoff_seconds: float = service.DEFAULT_MAX_BACKOFF_SECONDS,
         database: Database | None = None,
+        loop_ticks: bool = True,
+        max_processes: int | None = None,
     ) -> None:
         self.settings = settings
+        self.loop_ticks = loop_ticks
+        if max_processes is not None and max_processes < 1:
+            raise ValueError("max_processes must be at least 1")
+        self.max_processes = max_processes
         self.worker_id = worker_id or default_worker_id()
         self.handlers = registry(handler_modules)
         if kinds is None:
@@ -343,6 +350,7 @@ class Worker:
         ran = 0
         try:
             while not self.stopping.is_set():
+                self.tick_loops()
                 try:
                     lease = self.claim()
                 except DBAPIError as exc:
@@ -359,6 +367,7 @@ class Worker:
                 self.run_attempt(lease)
                 ran += 1
                 if once:
+                    self.tick_loops()  # a loop step that just finished queues the next one
                     break
         finally:
             for signum, handler in previous.items():
@@ -367,10 +376,46 @@ class Worker:
                 self.database.dispose()
         return ran
 
+    def tick_loops(self) -> list[Any]:
+        """Move the campaigns' loops along (`app.loop.service.tick`): queue the next step of
+        an iteration whose job finished, or start one when enough new labels arrived. A
+        failure is logged and tried again at the next tick; it never stops the worker."""
+        if not self.loop_ticks:
+            return []
+        try:
+            with self.database.session() as db:
+                steps = loops.tick(db)
+                db.commit()
+        except Exception as exc:  # a loop's trouble must not stop the worker
+            log.warning("worker %s: loop tick failed: %s", self.worker_id, exc)
+            return []
+        for step in steps:
+            log.info("loop %s: %s (job %s) %s", step.loop_id, step.action, step.job_id, step.detail)
+        return steps
+
+    def process_limit(self) -> int | None:
+        """The most processes a job this worker claims may train in: as given, else the GPUs
+        it sees (one when pinned to cuda:N); no limit on CPU (gloo runs any number)."""
+        if self.max_processes is None:
+            device = resolve_device(self.device)
+            if device == "cuda":
+                import torch
+
+                self.max_processes = max(1, torch.cuda.device_count())
+            elif device.startswith("cuda:"):
+                self.max_processes = 1
+            else:
+                return None
+        return self.max_processes
+
     def claim(self) -> service.Lease | None:
         with self.database.session() as db:
             lease = service.claim(
-                db, worker_id=self.worker_id, kinds=self.kinds, lease_seconds=self.lease_seconds
+                db,
+                worker_id=self.worker_id,
+                kinds=self.kinds,
+                lease_seconds=self.lease_seconds,
+                max_processes=self.process_limit(),
             )
             db.commit()
         return lease
@@ -553,6 +598,8 @@ def run_worker(
     max_backoff_seconds: float = service.DEFAULT_MAX_BACKOFF_SECONDS,
     database: Database | None = None,
     install_signals: bool = True,
+    loop_ticks: bool = True,
+    max_processes: int | None = None,
 ) -> int:
     """Run a worker until SIGTERM/SIGINT (or one job with `once`, or until the queue has no
     ready job with `drain`). Returns how many attempts it ran."""
@@ -568,5 +615,7 @@ def run_worker(
         backoff_seconds=backoff_seconds,
         max_backoff_seconds=max_backoff_seconds,
         database=database,
+        loop_ticks=loop_ticks,
+        max_processes=max_processes,
     )
     return worker.run(once=once, drain=drain, install_signals=install_signals)

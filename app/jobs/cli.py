@@ -67,6 +67,21 @@ def worker_command(
             help=f"Also load the HANDLERS of this module (repeatable; or {HANDLERS_ENV}=a,b).",
         ),
     ] = None,
+    loops: Annotated[
+        bool,
+        typer.Option(
+            "--loops/--no-loops",
+            help="Between jobs, move the campaigns' loops along (queue their next steps).",
+        ),
+    ] = True,
+    max_processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Claim only jobs that train in at most this many processes "
+            "(default: the GPUs this worker sees; no limit on CPU).",
+        ),
+    ] = None,
 ) -> None:
     """Run training jobs from the queue until SIGTERM or Ctrl-C (the running job is handed back)."""
     from trainer.handlers import HandlerError
@@ -95,6 +110,8 @@ def worker_command(
             handler_modules=modules,
             backoff_seconds=backoff_seconds,
             max_backoff_seconds=max_backoff_seconds,
+            loop_ticks=loops,
+            max_processes=max_processes,
         )
     except (HandlerError, ValueError) as exc:
         fail(str(exc), 2)

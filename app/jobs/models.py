@@ -42,6 +42,9 @@ class Job(Base):
         str_enum(JobState, "job_state"), default=JobState.queued
     )
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # Processes the job trains in (its config's `processes`): a worker claims only the jobs
+    # it has devices for.
+    processes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # Attempts started so far. Never goes down: with worker_id it fences a worker's writes.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)

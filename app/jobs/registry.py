@@ -184,6 +184,17 @@ def queue_generation(
         model = db.get(ModelVersion, spec.model_id)
         if model is None or model.kind != ModelKind.policy:
             raise SpecError(f"model_id: there is no policy model version {spec.model_id}")
+    for field, kind in (
+        ("audit_against_id", ModelKind.policy),
+        ("reference_id", ModelKind.policy),
+        ("reward_model_id", ModelKind.reward),
+    ):
+        wanted = getattr(spec, field)
+        found = db.get(ModelVersion, wanted) if wanted is not None else None
+        if wanted is not None and (found is None or found.kind != kind):
+            raise SpecError(f"{field}: there is no {kind.value} model version {wanted}")
+    if spec.audit_against_id is not None and spec.audit_against_id == spec.model_id:
+        raise SpecError("audit_against_id: a version cannot be audited against itself")
     job = jobs.enqueue(
         db,
         kind=GENERATE,
@@ -317,33 +328,51 @@ def add_generated_task(
     priority: int = 0,
 ) -> Task:
     """The sampled completions of one prompt and the task that shows them, in that order."""
-    prompt = db.get_one(Prompt, prompt_id)
-    hashes = [completion_hash(text) for text in texts]
     made = [
-        Completion(
-            prompt_id=prompt_id,
-            text=text,
-            source=CompletionSource.model,
-            model_version_id=model_version_id,
-            generation_params=dict(extra),
-            content_hash=chash,
-        )
-        for text, extra, chash in zip(texts, params, hashes, strict=True)
+        sampled_completion(prompt_id, text, extra, model_version_id)
+        for text, extra in zip(texts, params, strict=True)
     ]
     db.add_all(made)
     db.flush()
+    return open_task(db, campaign, prompt_id, made, priority=priority)
+
+
+def sampled_completion(
+    prompt_id: int, text: str, params: dict[str, Any], model_version_id: int | None
+) -> Completion:
+    """A completion a model sampled, with how it was sampled (not added to the session)."""
+    return Completion(
+        prompt_id=prompt_id,
+        text=text,
+        source=CompletionSource.model,
+        model_version_id=model_version_id,
+        generation_params=dict(params),
+        content_hash=completion_hash(text),
+    )
+
+
+def open_task(
+    db: Session,
+    campaign: Campaign,
+    prompt_id: int,
+    shown: Sequence[Completion],
+    *,
+    priority: int = 0,
+) -> Task:
+    """An open task of the campaign that shows these (flushed) completions in this order."""
+    prompt = db.get_one(Prompt, prompt_id)
     task = Task(
         campaign_id=campaign.id,
         prompt_id=prompt_id,
         status=TaskStatus.open,
         priority=priority,
         required_judgments=campaign.overlap,
-        content_hash=task_hash(prompt.content_hash, hashes),
+        content_hash=task_hash(prompt.content_hash, [c.content_hash for c in shown]),
     )
     db.add(task)
     db.flush()
     db.add_all(
-        TaskCompletion(task_id=task.id, position=i, completion_id=c.id) for i, c in enumerate(made)
+        TaskCompletion(task_id=task.id, position=i, completion_id=c.id) for i, c in enumerate(shown)
     )
     db.flush()
     return task

@@ -145,9 +145,13 @@ def enqueue(
     if max_attempts < 1:
         raise JobError("max_attempts must be at least 1")
     now = now or utcnow()
+    processes = (config or {}).get("processes", 1)
+    if not isinstance(processes, int) or processes < 1:
+        raise JobError("processes must be a whole number of at least 1")
     job = Job(
         kind=kind,
         config=dict(config or {}),
+        processes=processes,
         campaign_id=campaign_id,
         created_by_id=created_by_id,
         priority=priority,
@@ -200,7 +204,14 @@ def list_jobs(
 # --- claim --------------------------------------------------------------------------------------
 
 
-def _claim_statement(*, kinds: list[str] | None, worker_id: str, now: dt.datetime, lease: float):
+def _claim_statement(
+    *,
+    kinds: list[str] | None,
+    worker_id: str,
+    now: dt.datetime,
+    lease: float,
+    max_processes: int | None = None,
+):
     ready = and_(Job.state.in_(READY_STATES), Job.run_after <= now)
     # A running job whose worker stopped heartbeating, with an attempt left and no cancel
     # pending (those two are finished by sweep_expired instead).
@@ -213,6 +224,8 @@ def _claim_statement(*, kinds: list[str] | None, worker_id: str, now: dt.datetim
     pick = select(Job.id).where(or_(ready, abandoned))
     if kinds is not None:
         pick = pick.where(Job.kind.in_(kinds))
+    if max_processes is not None:
+        pick = pick.where(Job.processes <= max_processes)
     pick = (
         pick.order_by(Job.priority.desc(), Job.id)
         .limit(1)
@@ -269,8 +282,11 @@ def claim(
     kinds: list[str] | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,
     now: dt.datetime | None = None,
+    max_processes: int | None = None,
 ) -> Lease | None:
     """Take the best ready job of one of `kinds` (None: any kind) for `lease_seconds`, or None.
+    With `max_processes`, only jobs that train in at most that many processes (a worker with
+    two GPUs leaves a four-process job to a worker that has four).
 
     Ready: queued or failed with run_after passed, or running with an expired lease (taken
     over as a new attempt, which counts toward max_attempts). Commit soon after: the lease
@@ -281,7 +297,13 @@ def claim(
     now = now or utcnow()
     sweep_expired(db, now=now)
     row = db.execute(
-        _claim_statement(kinds=kinds, worker_id=worker_id, now=now, lease=lease_seconds)
+        _claim_statement(
+            kinds=kinds,
+            worker_id=worker_id,
+            now=now,
+            lease=lease_seconds,
+            max_processes=max_processes,
+        )
     ).first()
     if row is None:
         return None

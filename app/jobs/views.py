@@ -1,6 +1,7 @@
-"""The jobs pages (admins and researchers): queue a reward model from a campaign, follow every
-job (a progress bar that polls itself, live metric charts, the log tail), cancel and retry,
-and look at the model versions a job produced beside the humans' rankings.
+"""The jobs pages (admins and researchers): queue a training job (reward model, PPO, RLOO,
+SFT or DPO: a `JobForm` each, routed by `add_form`), follow every job (a progress bar that
+polls itself, live metric charts, the log tail), cancel and retry, and look at the model
+versions a job produced beside the humans' rankings.
 
 One URL per thing: htmx asks the same URL for a fragment (a job's row in the list, or its
 status panel) and the page answers with that block of the same template."""
@@ -8,9 +9,11 @@ status panel) and the page answers with that block of the same template."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import RedirectResponse, Response
@@ -22,17 +25,17 @@ from app.jobs import api, registry, training
 from app.jobs import service as jobs
 from app.jobs.models import Job, JobState, ModelVersion
 from app.jobs.specs import (
+    DPOJobSpec,
     GenerateJobSpec,
     PPOJobSpec,
-    PPOTraining,
     RewardJobSpec,
-    RewardTraining,
+    RLOOJobSpec,
     ScoreJobSpec,
     SFTJobSpec,
-    SFTTraining,
     SpecError,
     bundled_backbone,
 )
+from app.loop.audits import win_rates
 from app.web import (
     CurrentPrincipal,
     DbSession,
@@ -47,30 +50,10 @@ router = APIRouter(dependencies=[Depends(require_roles(Role.admin, Role.research
 
 LIST_TEMPLATE = "jobs/list.html"
 DETAIL_TEMPLATE = "jobs/detail.html"
-NEW_TEMPLATE = "jobs/new_reward.html"
 MODEL_TEMPLATE = "jobs/model.html"
 ACTIVE = (JobState.queued, JobState.running, JobState.failed)
 STATE_FILTERS = ("active", "finished", "all")
 TASKS_SHOWN = 20
-# Form fields: (name, label, input type, hint); the values are RewardJobSpec's or
-# RewardTraining's fields of the same name.
-DATA_FIELDS = (
-    ("since", "From (UTC day)", "date", ""),
-    ("until", "Until (UTC day, included)", "date", ""),
-    ("min_agreement", "Minimum task agreement (0-1)", "number", "Tasks judged once are dropped."),
-    ("min_gold_accuracy", "Minimum labeler gold accuracy (0-1)", "number", ""),
-    ("test_fraction", "Held-out prompts (0-0.5)", "number", "No prompt is on both sides."),
-    ("split_seed", "Split seed", "number", ""),
-    ("max_judgments", "At most this many judgments", "number", "Empty: all of them."),
-)
-TRAINING_FIELDS = (
-    ("learning_rate", "Learning rate", "number", "Peak AdamW rate, linear warmup and decay."),
-    ("epochs", "Epochs", "number", "InstructGPT: a second epoch overfits."),
-    ("batch_size", "Judgments per batch", "number", "Each judgment's K completions at once."),
-    ("grad_accumulation_steps", "Gradient accumulation", "number", ""),
-    ("max_length", "Max tokens", "number", "The prompt's start is cut first."),
-    ("seed", "Seed", "number", ""),
-)
 
 
 def state_filter(which: str) -> list[JobState] | None:
@@ -108,41 +91,142 @@ def jobs_page(request: Request, db: DbSession, state: Annotated[str, Query()] = 
     return render(request, LIST_TEMPLATE, context, db=db)
 
 
-def form_defaults(campaign: str | None) -> dict[str, Any]:
-    training_defaults = RewardTraining().model_dump()
-    return {
-        "campaigns": [campaign] if campaign else [],
-        "backbone": bundled_backbone() or "",
-        "test_fraction": 0.1,
-        "split_seed": 0,
-        "labeler_weights": "none",
-        "include_excluded": False,
-        "ties": training_defaults["ties"],
-        **{name: training_defaults[name] for name, *_ in TRAINING_FIELDS},
-    }
+# --- the forms that queue training jobs ----------------------------------------------------------
+
+# Form fields: (name, label, input type, hint); the values are the spec's fields, or its
+# training options', of the same name.
+FormField = tuple[str, str, str, str]
+SEED: FormField = ("seed", "Seed", "number", "")
+GRAD_ACCUMULATION: FormField = ("grad_accumulation_steps", "Gradient accumulation", "number", "")
+MAX_TOKENS: FormField = ("max_length", "Max tokens", "number", "The prompt's start is cut first.")
+# PPO's and RLOO's in common
+RL_LEARNING_RATE: FormField = (
+    "learning_rate",
+    "Learning rate",
+    "number",
+    "AdamW; small (3e-6 is the default).",
+)
+RL_SAMPLING: tuple[FormField, ...] = (
+    ("max_new_tokens", "Max new tokens", "number", "Response length cap."),
+    ("temperature", "Sampling temperature", "number", "Log-probs always use logits / temperature."),
+)
+MIN_AGREEMENT: FormField = (
+    "min_agreement",
+    "Minimum task agreement (0-1)",
+    "number",
+    "Tasks judged once are dropped.",
+)
+MISSING_EOS: FormField = ("missing_eos_penalty", "Penalty without EOS", "number", "Empty: none.")
+ONLINE_RL_INPUTS = ("policy_id", "reward_model_id", "name", "kl_budget", "max_prompts")
 
 
-def new_context(db: Any, form: dict[str, Any], error: str | None = None) -> dict[str, Any]:
-    return {
-        "form": form,
-        "error": error,
-        "campaign_list": [
+def data_fields(
+    held_out: str, at_most: FormField, *, agreement: bool = True
+) -> tuple[FormField, ...]:
+    """The Data fieldset of a job that reads an export (see `specs.export_filters`): the days,
+    the quality floors, the held-out share (`held_out`: what it is for), the split, a cap."""
+    return (
+        ("since", "From (UTC day)", "date", ""),
+        ("until", "Until (UTC day, included)", "date", ""),
+        *((MIN_AGREEMENT,) if agreement else ()),
+        ("min_gold_accuracy", "Minimum labeler gold accuracy (0-1)", "number", ""),
+        ("test_fraction", "Held-out prompts (0-0.5)", "number", held_out),
+        ("split_seed", "Split seed", "number", ""),
+        at_most,
+    )
+
+
+def campaign_query(campaign: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+    """`?campaign=SLUG`: that campaign ticked."""
+    return {"campaigns": [campaign] if campaign else []}
+
+
+def policy_query(
+    policy: Annotated[int | None, Query(ge=1)] = None,
+    campaign: Annotated[str | None, Query()] = None,
+) -> dict[str, Any]:
+    """`?policy=ID&campaign=SLUG`: the policy version PPO or RLOO starts from, a campaign."""
+    return {"policy_id": policy, **campaign_query(campaign)}
+
+
+def model_query(
+    model: Annotated[int | None, Query(ge=1)] = None,
+    campaign: Annotated[str | None, Query()] = None,
+) -> dict[str, Any]:
+    """`?model=ID&campaign=SLUG`: the policy version SFT or DPO starts from, a campaign."""
+    return {"model_id": model, **campaign_query(campaign)}
+
+
+@dataclass(frozen=True)
+class JobForm:
+    """The form of one kind of training job: its page, the spec its input becomes and the
+    function that queues it, its fields, and the campaigns and model versions it offers.
+    Inputs are the spec's fields (`top`, the data fields) or its training options'
+    (`training`, the training fields); empty ones keep their defaults."""
+
+    name: str  # of its routes: new_<name>_job and create_<name>_job
+    template: str
+    spec: type[BaseModel]
+    queue: Callable[..., Job]  # training.queue_*(db, spec, actor_id=...)
+    what: str  # once queued, "a worker will <what>"
+    query: Callable[..., dict[str, Any]]  # what the GET's query fills in (a dependency)
+    shows: str  # the GET's and the POST's docstrings
+    queues: str
+    training_fields: tuple[FormField, ...]
+    data_fields: tuple[FormField, ...] = ()
+    top: tuple[str, ...] = ()
+    training: tuple[str, ...] = ()
+    top_checks: tuple[str, ...] = ()  # checkboxes: true when sent
+    training_checks: tuple[str, ...] = ()
+    demonstrations: bool = False  # offer demonstration campaigns, else the others
+    models: tuple[tuple[str, str], ...] = ()  # (context name, model kind) listed to choose
+    own_defaults: Callable[[], dict[str, Any]] = dict
+    own_context: Callable[[], dict[str, Any]] = dict
+    refill: bool = False  # a refused form shows the defaults in the fields sent empty
+
+    def inputs(self) -> tuple[set[str], set[str]]:
+        """The names of the spec's own inputs, and of its training options'."""
+        top = {name for name, *_ in self.data_fields} | {*self.top, *self.top_checks}
+        options = {name for name, *_ in self.training_fields}
+        return top, options | {*self.training, *self.training_checks}
+
+    def defaults(self) -> dict[str, Any]:
+        """Every input at the spec's default (what is required stays empty)."""
+        fields = self.spec.model_fields
+        options = fields["training"].get_default(call_default_factory=True).model_dump()
+        top, training_inputs = self.inputs()
+        form = {
+            name: fields[name].get_default(call_default_factory=True)
+            for name in top
+            if not fields[name].is_required()
+        }
+        return form | {name: options[name] for name in training_inputs} | self.own_defaults()
+
+    def context(self, db: Any, form: dict[str, Any], error: str | None = None) -> dict[str, Any]:
+        offered = [
             row
             for row in campaigns.list_campaigns(db)
-            if row.campaign.mode.value != "demonstration"
-        ],
-        "data_fields": DATA_FIELDS,
-        "training_fields": TRAINING_FIELDS,
-        "bundled": bundled_backbone(),
-    }
+            if (row.campaign.mode.value == "demonstration") == self.demonstrations
+        ]
+        return {
+            "form": form,
+            "error": error,
+            "campaign_list": offered,
+            "data_fields": self.data_fields,
+            "training_fields": self.training_fields,
+            **{key: training.list_models(db, kind=kind) for key, kind in self.models},
+            **self.own_context(),
+        }
 
-
-@router.get("/jobs/new")
-def new_reward_job(
-    request: Request, db: DbSession, campaign: Annotated[str | None, Query()] = None
-) -> Response:
-    """The form that queues a reward model for one or more campaigns."""
-    return render(request, NEW_TEMPLATE, new_context(db, form_defaults(campaign)), db=db)
+    def spec_input(self, form: Any) -> dict[str, Any]:
+        top, training_inputs = self.inputs()
+        return spec_input(
+            form,
+            top=top,
+            training=training_inputs,
+            top_checks=self.top_checks,
+            training_checks=self.training_checks,
+        )
 
 
 def spec_input(
@@ -172,44 +256,21 @@ def spec_input(
 
 
 def queue_from_form(
-    request: Request,
-    db: Any,
-    principal: Any,
-    raw: dict[str, Any],
-    *,
-    queue: Callable[[Any, dict[str, Any], int], Job],
-    again: Callable[[Any, dict[str, Any], str], tuple[str, dict[str, Any]]],
-    what: str,
+    request: Request, db: Any, principal: Any, form: JobForm, raw: dict[str, Any]
 ) -> Response:
     """Queue a job from a form's input and go to its page; a bad field (a pydantic
     ValidationError is a ValueError) shows the form again with the reason and queues nothing."""
     try:
-        job = queue(db, raw, principal.user.id)
+        job = form.queue(db, form.spec.model_validate(raw), actor_id=principal.user.id)
     except (SpecError, ValueError) as error:
         db.rollback()
         message = str(error) if isinstance(error, SpecError) else _first_errors(error)
-        template, context = again(db, {**raw, **raw.get("training", {})}, message)
-        return render(request, template, context, status_code=422, db=db)
-    flash(db, principal, f"Job #{job.id} is queued: a worker (`prefloop worker`) will {what}.")
+        sent = (form.defaults() if form.refill else {}) | raw | raw.get("training", {})
+        context = form.context(db, sent, message)
+        return render(request, form.template, context, status_code=422, db=db)
+    flash(db, principal, f"Job #{job.id} is queued: a worker (`prefloop worker`) will {form.what}.")
     db.commit()
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
-
-
-def _create(request: Request, db: Any, principal: Any, raw: dict[str, Any]) -> Response:
-    return queue_from_form(
-        request,
-        db,
-        principal,
-        raw,
-        queue=lambda db, raw, actor: training.queue_reward_training(
-            db, RewardJobSpec.model_validate(raw), actor_id=actor
-        ),
-        again=lambda db, form, message: (
-            NEW_TEMPLATE,
-            new_context(db, {**form_defaults(None), **form}, message),
-        ),
-        what="train it",
-    )
 
 
 def _first_errors(error: Exception) -> str:
@@ -219,19 +280,195 @@ def _first_errors(error: Exception) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors())
 
 
-@router.post("/jobs")
-async def create_reward_job(
-    request: Request, db: DbSession, principal: CurrentPrincipal
-) -> Response:
-    """Queue a reward-model job from the form; a bad field shows the form again, queues nothing."""
-    raw = spec_input(
-        await request.form(),
-        top={name for name, *_ in DATA_FIELDS} | {"backbone", "labeler_weights", "name"},
-        training={name for name, *_ in TRAINING_FIELDS} | {"ties", "use_margin"},
-        top_checks=("include_excluded",),
-        training_checks=("use_margin",),
-    )
-    return await run_in_threadpool(_create, request, db, principal, raw)
+def add_form(form: JobForm, *, new: str, create: str) -> None:
+    """Route a form: GET `new` shows it (the query fills some in), POST `create` queues it."""
+
+    def show(
+        request: Request, db: DbSession, filled: dict[str, Any] = Depends(form.query)
+    ) -> Response:
+        return render(request, form.template, form.context(db, form.defaults() | filled), db=db)
+
+    async def submit(request: Request, db: DbSession, principal: CurrentPrincipal) -> Response:
+        raw = form.spec_input(await request.form())
+        return await run_in_threadpool(queue_from_form, request, db, principal, form, raw)
+
+    show.__doc__, submit.__doc__ = form.shows, form.queues
+    router.add_api_route(new, show, methods=["GET"], name=f"new_{form.name}_job")
+    router.add_api_route(create, submit, methods=["POST"], name=f"create_{form.name}_job")
+
+
+REWARD_FORM = JobForm(
+    name="reward",
+    template="jobs/new_reward.html",
+    spec=RewardJobSpec,
+    queue=training.queue_reward_training,
+    what="train it",
+    query=campaign_query,
+    shows="The form that queues a reward model for one or more campaigns.",
+    queues="Queue a reward-model job from the form; a bad field shows the form again, queues "
+    "nothing.",
+    data_fields=data_fields(
+        "No prompt is on both sides.",
+        ("max_judgments", "At most this many judgments", "number", "Empty: all of them."),
+    ),
+    training_fields=(
+        ("learning_rate", "Learning rate", "number", "Peak AdamW rate, linear warmup and decay."),
+        ("epochs", "Epochs", "number", "InstructGPT: a second epoch overfits."),
+        ("batch_size", "Judgments per batch", "number", "Each judgment's K completions at once."),
+        GRAD_ACCUMULATION,
+        MAX_TOKENS,
+        SEED,
+    ),
+    top=("backbone", "labeler_weights", "name"),
+    training=("ties",),
+    top_checks=("include_excluded",),
+    training_checks=("use_margin",),
+    own_defaults=lambda: {"backbone": bundled_backbone() or ""},
+    own_context=lambda: {"bundled": bundled_backbone()},
+    refill=True,
+)
+PPO_FORM = JobForm(
+    name="ppo",
+    template="jobs/new_ppo.html",
+    spec=PPOJobSpec,
+    queue=training.queue_ppo,
+    what="run PPO",
+    query=policy_query,
+    shows="The form that queues PPO of a policy version against a reward model version.",
+    queues="Queue PPO from the form; a bad field shows the form again and queues nothing.",
+    training_fields=(
+        ("total_steps", "PPO steps", "number", "Each samples a rollout batch, then updates."),
+        ("rollout_batch_size", "Responses per step", "number", ""),
+        ("minibatch_size", "Responses per optimizer step", "number", ""),
+        ("ppo_epochs", "Epochs over each rollout", "number", ""),
+        RL_LEARNING_RATE,
+        *RL_SAMPLING,
+        ("kl_coef", "KL coefficient (beta)", "number", "Initial beta when adaptive."),
+        ("kl_target", "Target KL (nats, adaptive)", "number", "Ziegler et al. use 6."),
+        MISSING_EOS,
+        SEED,
+    ),
+    top=ONLINE_RL_INPUTS,
+    training_checks=("adaptive_kl", "use_lora"),
+    models=(("policies", "policy"), ("rewards", "reward")),
+)
+RLOO_FORM = JobForm(
+    name="rloo",
+    template="jobs/new_rloo.html",
+    spec=RLOOJobSpec,
+    queue=training.queue_rloo,
+    what="run RLOO",
+    query=policy_query,
+    shows="The form that queues RLOO of a policy version against a reward model version.",
+    queues="Queue RLOO from the form; a bad field shows the form again and queues nothing.",
+    training_fields=(
+        (
+            "total_steps",
+            "RLOO steps",
+            "number",
+            "Each samples k responses per prompt, then updates.",
+        ),
+        ("prompts_per_step", "Prompts per step", "number", ""),
+        (
+            "k",
+            "Responses per prompt (k)",
+            "number",
+            "At least 2: each one's baseline is the others' mean.",
+        ),
+        (
+            "minibatch_size",
+            "Responses per optimizer step",
+            "number",
+            "Empty: the whole step at once.",
+        ),
+        ("epochs", "Epochs over each step", "number", "1 with one minibatch is plain REINFORCE."),
+        RL_LEARNING_RATE,
+        *RL_SAMPLING,
+        (
+            "kl_coef",
+            "KL coefficient (beta)",
+            "number",
+            "On the response's summed KL; initial when adaptive.",
+        ),
+        ("kl_target", "Target KL (nats, adaptive)", "number", ""),
+        MISSING_EOS,
+        SEED,
+    ),
+    top=ONLINE_RL_INPUTS,
+    training_checks=("adaptive_kl", "use_lora", "whiten_advantages"),
+    models=(("policies", "policy"), ("rewards", "reward")),
+)
+SFT_FORM = JobForm(
+    name="sft",
+    template="jobs/new_sft.html",
+    spec=SFTJobSpec,
+    queue=training.queue_sft,
+    what="fine-tune",
+    query=model_query,
+    shows="The form that queues supervised fine-tuning of a policy version on demonstrations.",
+    queues="Queue SFT from the form; a bad field shows the form again and queues nothing.",
+    data_fields=data_fields(
+        "For the eval loss; 0: none.",
+        ("max_examples", "At most this many demonstrations", "number", "Empty: all of them."),
+        agreement=False,
+    ),
+    training_fields=(
+        ("learning_rate", "Learning rate", "number", "Peak AdamW rate; warmup, then cosine decay."),
+        ("epochs", "Epochs", "number", ""),
+        ("batch_size", "Examples per batch", "number", "Packed: rows per batch."),
+        GRAD_ACCUMULATION,
+        MAX_TOKENS,
+        SEED,
+    ),
+    top=("model_id", "name"),
+    top_checks=("include_excluded",),
+    training_checks=("packing",),
+    demonstrations=True,
+    models=(("policies", "policy"),),
+)
+DPO_FORM = JobForm(
+    name="dpo",
+    template="jobs/new_dpo.html",
+    spec=DPOJobSpec,
+    queue=training.queue_dpo,
+    what="run DPO",
+    query=model_query,
+    shows="The form that queues DPO of a policy version on the campaigns' comparisons.",
+    queues="Queue DPO from the form; a bad field shows the form again and queues nothing.",
+    data_fields=data_fields(
+        "For the eval reward accuracy.",
+        ("max_pairs", "At most this many pairs", "number", "Empty: all of them."),
+    ),
+    training_fields=(
+        ("beta", "Beta", "number", "Pull toward the starting policy; 0.1 is the usual choice."),
+        ("label_smoothing", "Label smoothing", "number", "Conservative DPO: 0 to 0.5 (exclusive)."),
+        (
+            "learning_rate",
+            "Learning rate",
+            "number",
+            "Peak AdamW rate; small (1e-6 is the default).",
+        ),
+        ("epochs", "Epochs", "number", ""),
+        ("batch_size", "Pairs per batch", "number", "Chosen and rejected in one forward pass."),
+        GRAD_ACCUMULATION,
+        (
+            "max_length",
+            "Max tokens",
+            "number",
+            "Per prompt + answer; the prompt's start is cut first.",
+        ),
+        SEED,
+    ),
+    top=("model_id", "name"),
+    top_checks=("include_excluded",),
+    models=(("policies", "policy"),),
+)
+# Before /jobs/{job_id}, which would take /jobs/new for a job id.
+add_form(REWARD_FORM, new="/jobs/new", create="/jobs")
+add_form(PPO_FORM, new="/jobs/new/ppo", create="/jobs/new/ppo")
+add_form(RLOO_FORM, new="/jobs/new/rloo", create="/jobs/new/rloo")
+add_form(SFT_FORM, new="/jobs/new/sft", create="/jobs/new/sft")
+add_form(DPO_FORM, new="/jobs/new/dpo", create="/jobs/new/dpo")
 
 
 def detail_context(db: Any, job: Job) -> dict[str, Any]:
@@ -239,7 +476,7 @@ def detail_context(db: Any, job: Job) -> dict[str, Any]:
     names = training.usernames(db, {job.created_by_id} if job.created_by_id else set())
     latest = jobs.latest_metrics(db, job.id)
     warnings: list[str] = []
-    if job.kind == "ppo":
+    if job.kind in ("ppo", "rloo"):
         series, _ = training.metric_series(db, job.id)
         warnings = training.ppo_warnings(series, job.config or {})
     return {
@@ -349,6 +586,7 @@ def model_page(
         "comparisons": comparisons,
         "scored": len(task_ids),
         "one_task": task,
+        "win": win_rates(db, [model.id]).get(model.id),  # a policy's audits against its parent
     }
     return render(request, MODEL_TEMPLATE, context, db=db)
 
@@ -526,165 +764,3 @@ def generate_now(
     """One click: a policy version samples completions for its campaign's prompts that lack
     them, with the default sampling settings (the form at /generate has them all)."""
     return _generate_now(request, db, principal, model_id)
-
-
-# --- PPO ------------------------------------------------------------------------------------
-
-PPO_TEMPLATE = "jobs/new_ppo.html"
-PPO_FIELDS = (
-    ("total_steps", "PPO steps", "Each samples a rollout batch, then updates."),
-    ("rollout_batch_size", "Responses per step", ""),
-    ("minibatch_size", "Responses per optimizer step", ""),
-    ("ppo_epochs", "Epochs over each rollout", ""),
-    ("learning_rate", "Learning rate", "AdamW; small (3e-6 is the default)."),
-    ("max_new_tokens", "Max new tokens", "Response length cap."),
-    ("temperature", "Sampling temperature", "Log-probs always use logits / temperature."),
-    ("kl_coef", "KL coefficient (beta)", "Initial beta when adaptive."),
-    ("kl_target", "Target KL (nats, adaptive)", "Ziegler et al. use 6."),
-    ("missing_eos_penalty", "Penalty without EOS", "Empty: none."),
-    ("seed", "Seed", ""),
-)
-
-
-def ppo_context(db: Any, form: dict[str, Any], error: str | None = None) -> dict[str, Any]:
-    return {
-        "form": form,
-        "error": error,
-        "policies": training.list_models(db, kind="policy"),
-        "rewards": training.list_models(db, kind="reward"),
-        "campaign_list": [
-            row
-            for row in campaigns.list_campaigns(db)
-            if row.campaign.mode.value != "demonstration"
-        ],
-        "fields": PPO_FIELDS,
-    }
-
-
-@router.get("/jobs/new/ppo")
-def new_ppo_job(
-    request: Request,
-    db: DbSession,
-    policy: Annotated[int | None, Query(ge=1)] = None,
-    campaign: Annotated[str | None, Query()] = None,
-) -> Response:
-    """The form that queues PPO of a policy version against a reward model version."""
-    defaults = PPOTraining().model_dump()
-    form = {
-        "policy_id": policy,
-        "campaigns": [campaign] if campaign else [],
-        **{name: defaults[name] for name, *_ in PPO_FIELDS},
-    }
-    return render(request, PPO_TEMPLATE, ppo_context(db, form), db=db)
-
-
-def _create_ppo(request: Request, db: Any, principal: Any, raw: dict[str, Any]) -> Response:
-    return queue_from_form(
-        request,
-        db,
-        principal,
-        raw,
-        queue=lambda db, raw, actor: training.queue_ppo(
-            db, PPOJobSpec.model_validate(raw), actor_id=actor
-        ),
-        again=lambda db, form, message: (PPO_TEMPLATE, ppo_context(db, form, message)),
-        what="run PPO",
-    )
-
-
-@router.post("/jobs/new/ppo")
-async def create_ppo_job(request: Request, db: DbSession, principal: CurrentPrincipal) -> Response:
-    """Queue PPO from the form; a bad field shows the form again and queues nothing."""
-    raw = spec_input(
-        await request.form(),
-        top={"policy_id", "reward_model_id", "name", "kl_budget", "max_prompts"},
-        training={name for name, *_ in PPO_FIELDS},
-        training_checks=("adaptive_kl", "use_lora"),
-    )
-    return await run_in_threadpool(_create_ppo, request, db, principal, raw)
-
-
-# --- SFT ------------------------------------------------------------------------------------
-
-SFT_TEMPLATE = "jobs/new_sft.html"
-SFT_DATA_FIELDS = (
-    ("since", "From (UTC day)", "date", ""),
-    ("until", "Until (UTC day, included)", "date", ""),
-    ("min_gold_accuracy", "Minimum labeler gold accuracy (0-1)", "number", ""),
-    ("test_fraction", "Held-out prompts (0-0.5)", "number", "For the eval loss; 0: none."),
-    ("split_seed", "Split seed", "number", ""),
-    ("max_examples", "At most this many demonstrations", "number", "Empty: all of them."),
-)
-SFT_FIELDS = (
-    ("learning_rate", "Learning rate", "number", "Peak AdamW rate; warmup, then cosine decay."),
-    ("epochs", "Epochs", "number", ""),
-    ("batch_size", "Examples per batch", "number", "Packed: rows per batch."),
-    ("grad_accumulation_steps", "Gradient accumulation", "number", ""),
-    ("max_length", "Max tokens", "number", "The prompt's start is cut first."),
-    ("seed", "Seed", "number", ""),
-)
-
-
-def sft_context(db: Any, form: dict[str, Any], error: str | None = None) -> dict[str, Any]:
-    return {
-        "form": form,
-        "error": error,
-        "policies": training.list_models(db, kind="policy"),
-        "campaign_list": [
-            row
-            for row in campaigns.list_campaigns(db)
-            if row.campaign.mode.value == "demonstration"
-        ],
-        "data_fields": SFT_DATA_FIELDS,
-        "training_fields": SFT_FIELDS,
-    }
-
-
-def sft_defaults(model: int | None, campaign: str | None) -> dict[str, Any]:
-    spec_defaults = SFTJobSpec.model_fields
-    options = SFTTraining().model_dump()
-    return {
-        "model_id": model,
-        "campaigns": [campaign] if campaign else [],
-        "test_fraction": spec_defaults["test_fraction"].default,
-        "split_seed": spec_defaults["split_seed"].default,
-        **{name: options[name] for name, *_ in SFT_FIELDS},
-    }
-
-
-@router.get("/jobs/new/sft")
-def new_sft_job(
-    request: Request,
-    db: DbSession,
-    model: Annotated[int | None, Query(ge=1)] = None,
-    campaign: Annotated[str | None, Query()] = None,
-) -> Response:
-    """The form that queues supervised fine-tuning of a policy version on demonstrations."""
-    return render(request, SFT_TEMPLATE, sft_context(db, sft_defaults(model, campaign)), db=db)
-
-
-def _create_sft(request: Request, db: Any, principal: Any, raw: dict[str, Any]) -> Response:
-    return queue_from_form(
-        request,
-        db,
-        principal,
-        raw,
-        queue=lambda db, raw, actor: training.queue_sft(
-            db, SFTJobSpec.model_validate(raw), actor_id=actor
-        ),
-        again=lambda db, form, message: (SFT_TEMPLATE, sft_context(db, form, message)),
-        what="fine-tune",
-    )
-
-
-@router.post("/jobs/new/sft")
-async def create_sft_job(request: Request, db: DbSession, principal: CurrentPrincipal) -> Response:
-    """Queue SFT from the form; a bad field shows the form again and queues nothing."""
-    raw = spec_input(
-        await request.form(),
-        top={name for name, *_ in SFT_DATA_FIELDS} | {"model_id", "name"},
-        training={name for name, *_ in SFT_FIELDS},
-        top_checks=("include_excluded",),
-        training_checks=("packing",),
-    )
-    return await run_in_threadpool(_create_sft, request, db, principal, raw)
