@@ -50,8 +50,7 @@ def load_comparisons(
 ) -> Comparisons:
     """The spec's comparisons as (prompt, chosen, rejected) pairs, split by prompt, as of the
     given high-water mark (a resumed attempt reads exactly what the first one read)."""
-    data = Comparisons()
-    sources = read_split(
+    return read_split(
         database,
         spec,
         secret_key,
@@ -63,19 +62,16 @@ def load_comparisons(
             answer_text(row["rejected"]),
             prompt_key=prompt_key(row),
         ),
-        data,
+        Comparisons(),
+        limit=spec.max_pairs,
+        names={
+            "human": "human_pairs",
+            "ai": "ai_pairs",
+            "import": "imported_pairs",
+            "train": "train_pairs",
+            "eval": "eval_pairs",
+        },
     )
-    if spec.max_pairs is not None:
-        data.train = data.train[: spec.max_pairs]
-    data.counts = {
-        "human_pairs": sources["human"],
-        "ai_pairs": sources["ai"],
-        "imported_pairs": sources["import"],
-        "train_pairs": len(data.train),
-        "eval_pairs": len(data.eval),
-        **data.prompts(),
-    }
-    return data
 
 
 def dpo_config(spec: DPOJobSpec, model_path: str) -> DPOConfig:

@@ -46,8 +46,7 @@ def load_demonstrations(
     database: Database, spec: SFTJobSpec, secret_key: str, as_of: dict[str, int] | None = None
 ) -> Demonstrations:
     """The spec's demonstrations, split by prompt, as of the given high-water mark."""
-    data = Demonstrations()
-    sources = read_split(
+    return read_split(
         database,
         spec,
         secret_key,
@@ -56,19 +55,16 @@ def load_demonstrations(
         lambda row: SFTExample(
             row["prompt"], answer_text(row["completion"]), prompt_key=prompt_key(row)
         ),
-        data,
+        Demonstrations(),
+        limit=spec.max_examples,
+        names={
+            "human": "labeler_demonstrations",
+            "ai": "ai_demonstrations",
+            "import": "imported_pairs",
+            "train": "train_examples",
+            "eval": "eval_examples",
+        },
     )
-    if spec.max_examples is not None:
-        data.train = data.train[: spec.max_examples]
-    data.counts = {
-        "labeler_demonstrations": sources["human"],
-        "ai_demonstrations": sources["ai"],
-        "imported_pairs": sources["import"],
-        "train_examples": len(data.train),
-        "eval_examples": len(data.eval),
-        **data.prompts(),
-    }
-    return data
 
 
 def sft_config(spec: SFTJobSpec, model_path: str) -> SFTConfig:

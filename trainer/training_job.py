@@ -32,6 +32,7 @@ from trainer.launch import run_in_processes
 from trainer.model_versions import finite, publish
 
 T = TypeVar("T")
+S = TypeVar("S", bound="Split[Any]")
 AS_OF_FILE = "as_of.json"
 
 
@@ -243,12 +244,16 @@ def read_split(
     secret_key: str,
     as_of: dict[str, int] | None,
     rows: Callable[[Any], Iterable[dict[str, Any]]],
-    example: Callable[[dict[str, Any]], T],
-    data: Split[T],
-) -> dict[str, int]:
+    example: Callable[[dict[str, Any]], Any],
+    data: S,
+    *,
+    limit: int | None,
+    names: dict[str, str],
+) -> S:
     """Fill `data` with `example(row)` of each row of the spec's export as of the mark (the
-    held-out ones where the export's seeded split says test) and its parameters; returns the
-    rows per source (human, ai, import)."""
+    held-out ones where the export's seeded split says test), at most `limit` for training,
+    and its parameters and counts: the rows per source, named by `names` (human, ai, import
+    -> the count's name), and "train" / "eval" -> the names of the two splits' counts."""
     sources = {"human": 0, "ai": 0, "import": 0}
     with read_session(database) as db:
         ctx = make_context(db, export_params_as_of(spec, as_of), secret_key)
@@ -256,4 +261,12 @@ def read_split(
         for row in rows(ctx):
             (data.eval if row["split"] == "test" else data.train).append(example(row))
             sources[row["source"]] += 1
-    return sources
+    if limit is not None:
+        data.train = data.train[:limit]
+    data.counts = {
+        **{names[source]: count for source, count in sources.items()},
+        names["train"]: len(data.train),
+        names["eval"]: len(data.eval),
+        **data.prompts(),
+    }
+    return data
