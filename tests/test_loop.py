@@ -171,7 +171,7 @@ def test_one_loop_iteration_turns_labels_into_a_new_policy_and_audited_tasks(liv
             return sorted(ids, key=lambda cid: cid not in mine)
 
         label_everything(db, campaign, labeler, new_first)
-        policy_id = policy.id
+        policy_id, reward_job_id = policy.id, iteration.reward_job_id
 
     client = TestClient(create_app(settings, database))
     versions = client.get("/api/v1/policies")
@@ -184,6 +184,9 @@ def test_one_loop_iteration_turns_labels_into_a_new_policy_and_audited_tasks(liv
     assert win["against_id"] == base_id and win["judgments"] == len(audited)
     assert win["rate"] == 1.0 and win["verdict"] == "pending"
     assert by_id[policy_id]["kl_from_reference"] is not None
+    job_page = client.get(f"/jobs/{reward_job_id}")
+    assert 'data-testid="job-loop"' in job_page.text
+    assert 'href="/admin/campaigns/loop-live/loop"' in job_page.text
     page = client.get("/policies")
     assert page.status_code == 200 and f'data-model="{policy_id}"' in page.text
     model_page = client.get(f"/models/{policy_id}")

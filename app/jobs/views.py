@@ -36,6 +36,7 @@ from app.jobs.specs import (
     bundled_backbone,
 )
 from app.loop.audits import win_rates
+from app.loop.models import LoopIteration, PolicyLoop
 from app.web import (
     CurrentPrincipal,
     DbSession,
@@ -486,7 +487,24 @@ def detail_context(db: Any, job: Job) -> dict[str, Any]:
         "latest": latest,
         "active": job.state in ACTIVE,
         "warnings": warnings,
+        "loop_step": loop_step_of(db, job),
     }
+
+
+def loop_step_of(db: Any, job: Job) -> dict[str, Any] | None:
+    """Which loop iteration this job is a step of, if any (for the link to the loop)."""
+    iteration = db.scalar(
+        select(LoopIteration).where(
+            (LoopIteration.reward_job_id == job.id)
+            | (LoopIteration.policy_job_id == job.id)
+            | (LoopIteration.generate_job_id == job.id)
+        )
+    )
+    if iteration is None:
+        return None
+    loop = db.get_one(PolicyLoop, iteration.loop_id)
+    campaign = db.get_one(Campaign, loop.campaign_id)
+    return {"campaign": campaign.slug, "number": iteration.number, "stage": iteration.stage.value}
 
 
 @router.get("/jobs/{job_id}")
