@@ -372,3 +372,19 @@ def test_two_workers_ticking_at_once_start_one_iteration(fresh_database_url):
             assert loops.tick(db) == []  # the reward job is queued: nothing more to do
     finally:
         database.dispose()
+
+
+def test_a_step_that_cannot_be_queued_pauses_its_loop_only(db):
+    campaign = make_campaign(db, slug="loop-gone", k=2)
+    other = make_campaign(db, slug="loop-fine", k=2)
+    base, rm = _versions(db)
+    broken = loops.configure(db, campaign, _config(base, rm), actor_id=None)
+    fine = loops.configure(db, other, _config(base, rm), actor_id=None)
+    _comparisons(db, campaign, 3)
+    _comparisons(db, other, 3)
+    broken.config = {**broken.config, "reward": {"training": {"epochs": 0}}}  # edited behind
+    db.flush()
+    steps = {step.loop_id: step for step in loops.tick(db)}
+    assert steps[broken.id].action == "paused" and "epochs" in broken.paused_reason
+    assert loops.open_iteration(db, broken) is None  # nothing half-written
+    assert steps[fine.id].action == "started" and fine.state == LoopState.active

@@ -397,11 +397,10 @@ def _pause_for(db: Session, loop: PolicyLoop, iteration: LoopIteration, job: Job
         + (f" ({(job.error or '').splitlines()[0][:300]})" if job.error else "")
         + "; retry it and resume the loop, or abandon the iteration"
     )
-    loop.state = LoopState.paused
-    loop.paused_reason = reason
     iteration.error = reason
-    db.flush()
-    return Step(loop.id, "paused", job.id, reason)
+    step = _pause(db, loop, reason)
+    step.job_id = job.id
+    return step
 
 
 def start_iteration(
@@ -511,7 +510,20 @@ def tick(db: Session) -> list[Step]:
         )
         if loop is None:
             continue
-        step = tick_loop(db, loop)
+        try:
+            with db.begin_nested():  # a step that cannot be queued leaves nothing half-done
+                step = tick_loop(db, loop)
+        except (specs.SpecError, LoopError) as error:
+            # A version or campaign the loop names is gone, or an option no longer passes:
+            # pause this loop with the reason rather than fail every tick (and the others).
+            step = _pause(db, loop, f"the next step cannot be queued: {error}")
         if step is not None:
             steps.append(step)
     return steps
+
+
+def _pause(db: Session, loop: PolicyLoop, reason: str) -> Step:
+    loop.state = LoopState.paused
+    loop.paused_reason = reason
+    db.flush()
+    return Step(loop.id, "paused", None, reason)
