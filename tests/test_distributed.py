@@ -297,3 +297,144 @@ def test_a_failing_launch_raises_with_the_log_tail(tmp_path):
         LaunchError, match=r"status 1 and no result: rank \d: ModuleNotFoundError.*trainer\.nope"
     ):
         launch("trainer.nope:train", (), {}, processes=2, device="cpu", run_dir=tmp_path)
+
+
+# --- sharded (FSDP2): 2 processes against 1 ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_layer_policy(tmp_path_factory) -> str:
+    """Two decoder layers, so FSDP shards two blocks and the root (embeddings, norm, head)."""
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny_models import llama_config
+
+    folder = tmp_path_factory.mktemp("policy2")
+    tokenizer = tokenizer_for(sft_vocabulary())
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config(tokenizer, num_hidden_layers=2)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_fsdp_shards_each_decoder_layer_and_is_asked_for_by_the_spec(two_layer_policy, tmp_path):
+    from app.jobs.specs import SpecError, parse_dpo_spec, parse_reward_spec, parse_sft_spec
+    from trainer.distributed import transformer_blocks
+    from trainer.sft import load_policy
+
+    model, _ = load_policy(two_layer_policy)
+    assert transformer_blocks(model) == list(model.model.layers)
+    wrapper = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 2))
+    assert len(transformer_blocks(wrapper)) == 2  # no _no_split_modules: a ModuleList's entries
+
+    base = {"model_id": 1, "campaigns": ["x"]}
+    assert parse_sft_spec(base).sharding == "none"
+    assert parse_sft_spec({**base, "processes": 2, "sharding": "fsdp"}).sharding == "fsdp"
+    assert parse_dpo_spec({**base, "processes": 4, "sharding": "fsdp"}).sharding == "fsdp"
+    with pytest.raises(SpecError, match="processes >= 2"):
+        parse_sft_spec({**base, "sharding": "fsdp"})
+    with pytest.raises(SpecError, match="sharding"):
+        parse_dpo_spec({**base, "processes": 2, "sharding": "deepspeed"})
+    with pytest.raises(SpecError, match="sharding"):  # the reward trainer runs DDP only
+        parse_reward_spec(
+            {"backbone": "/m", "campaigns": ["x"], "processes": 2, "sharding": "fsdp"}
+        )
+    with pytest.raises(ValueError, match="sharding"):
+        launch(
+            "trainer.sft:train", (), {}, processes=2, device="cpu", run_dir=tmp_path, sharding="z3"
+        )
+    with pytest.raises(ValueError, match="not sharded"):
+        from trainer.reward import train
+
+        train(None, [], [], tmp_path, dist=Distributed(0, 2, sharding="fsdp"))
+
+
+def test_fsdp_sft_follows_the_one_process_curve_and_its_checkpoint_resumes_in_one(
+    two_layer_policy, tmp_path
+):
+    """2 FSDP processes, stopped by the worker after their first logged step, follow the
+    one-process curve (evaluation included: both ranks run it) with gradient accumulation and
+    a stand-in on rank 1 in each epoch's last micro-batch; the checkpoint rank 0 gathered
+    has the one-process format and resumes in one process to the uninterrupted run's weights,
+    and the saved model loads with from_pretrained."""
+    from trainer.sft import train
+
+    settings = sft_config(
+        two_layer_policy, batch_size=3, grad_accumulation_steps=2, epochs=16, learning_rate=5e-3
+    )
+    data, held = demonstrations(9), demonstrations(4, offset=20)
+    straight = train(settings, data, held, tmp_path / "straight")
+    assert straight.steps == 32  # 9 examples / 3 = 3 micro-batches, 2 steps, 16 epochs
+
+    out = tmp_path / "run"
+    seen: list[tuple[int, str, float]] = []
+    stopped = launch(
+        "trainer.sft:train",
+        (settings, data, held, out),
+        {},
+        processes=2,
+        device="cpu",
+        run_dir=tmp_path / "launch",
+        on_metric=lambda step, name, value: seen.append((step, name, value)),
+        should_stop=lambda: any(name == "train/loss" for _, name, _ in seen),
+        sharding="fsdp",
+    )
+    assert stopped.stopped and 1 <= stopped.steps < 32, stopped.steps
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert state["model"].keys() == _weights(two_layer_policy).keys()
+    assert sorted(state["optimizer"]["state"]) == list(range(len(state["model"])))
+    for name in ("train/loss", "train/grad_norm", "eval/loss"):
+        want = [e for e in straight.history if e[0] <= stopped.steps]
+        _assert_same_curve(stopped.history, want, name)
+
+    resumed = train(settings, data, held, out)
+    assert not resumed.stopped and resumed.steps == 32
+    _assert_same_weights(_weights(out), _weights(tmp_path / "straight"))
+
+
+def test_fsdp_dpo_resumes_a_one_process_checkpoint_to_the_one_process_weights(
+    two_layer_policy, tmp_path
+):
+    """A one-process DPO run stops after 3 of 8 steps; 2 FSDP processes recompute the
+    reference (each its slice of every global batch; the file is deleted here), load the
+    one-process checkpoint and finish with the uninterrupted run's curve and weights, saved
+    in plain transformers format."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.dpo import CHECKPOINT_DIR, REFERENCE_FILE, train
+
+    settings = dpo_config(
+        two_layer_policy, batch_size=3, grad_accumulation_steps=2, epochs=4, eval_every=3
+    )
+    data, held = pairs(7), pairs(4, offset=13)
+    straight = train(settings, data, held, tmp_path / "straight")
+    assert straight.steps == 8  # 3 micro-batches (3, 3, 1) / 2 = 2 steps, 4 epochs
+
+    calls = {"n": 0}
+
+    def stop_after_three() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 4
+
+    out = tmp_path / "run"
+    stopped = train(settings, data, held, out, should_stop=stop_after_three)
+    assert stopped.stopped and stopped.steps == 3
+    (out / CHECKPOINT_DIR / REFERENCE_FILE).unlink()
+    resumed = launch(
+        "trainer.dpo:train",
+        (settings, data, held, out),
+        {},
+        processes=2,
+        device="cpu",
+        run_dir=tmp_path / "launch",
+        sharding="fsdp",
+    )
+    assert not resumed.stopped and resumed.steps == 8 and not resumed.reference_reused
+    curve = stopped.history + resumed.history
+    for name in ("train/loss", "rewards/margin", "train/grad_norm", "eval/loss"):
+        _assert_same_curve(curve, straight.history, name)
+    assert resumed.metrics["eval_loss"] == pytest.approx(straight.metrics["eval_loss"], rel=1e-4)
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    assert saved.config.architectures == ["LlamaForCausalLM"]
+    _assert_same_weights(saved.state_dict(), _weights(tmp_path / "straight"))
+    assert not (out / CHECKPOINT_DIR).exists()

@@ -49,7 +49,7 @@ def test_a_job_trains_in_its_own_process_or_launches_n(monkeypatch):
     monkeypatch.setattr(
         training_job,
         "run_in_processes",
-        lambda ctx, target, n, args, kwargs, on_progress: (
+        lambda ctx, target, n, args, kwargs, on_progress, sharding: (
             launched.append((target, n, args)) or SimpleNamespace(stopped=False)
         ),
     )

@@ -20,9 +20,25 @@ and LOCAL_RANK. A trainer's `train(..., dist=init(device))` then:
    on every rank), so checkpoints have the same format as a one-process run's.
 
 Plain `torch.nn.parallel.DistributedDataParallel`: gloo on CPU, nccl on CUDA (one GPU per
-local rank). Sharded training (FSDP, DeepSpeed) is not implemented: a launch whose
-accelerate configuration asks for it is refused (`init`), since a model wrapped that way
-needs other forward, clipping and saving code than the trainers have.
+local rank).
+
+Sharded (`sharding="fsdp"`, the job spec's `"sharding": "fsdp"`, for a model that does not fit
+one GPU): PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) on every transformer block
+(the classes in the model's `_no_split_modules`, else the entries of its ModuleLists), then
+on the root, so each rank keeps 1/world_size of the weights, gradients and AdamW moments and
+gathers one block at a time for its forward and backward. The same loss shares and the same
+`backward` (FSDP2 also averages the gradients over ranks) give the one-process gradient;
+with accumulation each micro-batch's gradients are reduce-scattered into the shards at once
+(`no_sync` does nothing: deferring would hold full gradients), and clipping takes the norm
+over the shards (`clip_grad_norm`). Every forward needs every rank, so under FSDP all ranks
+evaluate (the same batches; rank 0 reports and writes; `evaluates`). Checkpoints gather the
+full model and optimizer states to rank 0's CPU (`torch.distributed.checkpoint.state_dict`)
+and keep the one-process format (the optimizer's states keyed by parameter index), so a
+checkpoint of one process resumes sharded and the other way around. The trainers build the
+optimizer after `wrap`, on the shards, and load a checkpoint into both after it
+(`load_model_state`, `load_optimizer_state`: rank 0's copy is broadcast, each rank keeps its
+shards). accelerate's own FSDP and DeepSpeed configurations are not read: a launch whose
+accelerate configuration asks for one is refused (`init`), not half-applied.
 
 One process (`SINGLE`, the default everywhere) makes every helper the identity, so the
 one-process path is the code it always was.
@@ -40,6 +56,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+
+from trainer.launched import SHARDINGS
 
 T = TypeVar("T")
 
@@ -95,6 +113,7 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     device_name: str | None = None  # None: the trainer's own device argument decides
+    sharding: str = "none"  # "fsdp": FSDP2 instead of DDP (see the module's docstring)
 
     @property
     def active(self) -> bool:
@@ -103,6 +122,17 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """The model's weights are split over the ranks (FSDP2)."""
+        return self.active and self.sharding == "fsdp"
+
+    @property
+    def evaluates(self) -> bool:
+        """Does this rank run the evaluation forwards: rank 0 alone, or every rank under FSDP
+        (each forward gathers the weights from all of them); only rank 0 reports."""
+        return self.is_main or self.sharded
 
     @property
     def device(self) -> torch.device:
@@ -120,19 +150,121 @@ class Distributed:
     # -- the model --
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """DistributedDataParallel around `model` (it broadcasts rank 0's weights now); one
-        process: `model` itself."""
+        """DistributedDataParallel around `model` (it broadcasts rank 0's weights now); under
+        FSDP `model` itself, sharded in place (build the optimizer after this); one process:
+        `model` itself."""
         if not self.active:
             return model
+        if self.sharded:
+            return shard_model(model, self.device, self.world_size)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def no_sync(self, model: nn.Module, sync: bool) -> Any:
         """Inside it, backward accumulates gradients without the all-reduce: for every
-        micro-batch of an optimizer step but the last (`sync=False`)."""
+        micro-batch of an optimizer step but the last (`sync=False`). Under FSDP nothing:
+        every micro-batch's gradients are reduce-scattered into the shards at once, since
+        deferring it (`set_requires_gradient_sync(False)`) would hold every parameter's full
+        gradient on every GPU until the step's last micro-batch."""
+        if self.sharded:
+            return nullcontext()
         if self.active and not sync:
             return model.no_sync()
         return nullcontext()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """`nn.utils.clip_grad_norm_` of the model's gradients; its total norm. Under FSDP the
+        norm is taken over every rank's shards (TorchTitan's way), the same number on every
+        rank."""
+        if not self.sharded:
+            return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in model.parameters() if p.grad is not None]
+        total = nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()  # the shards' partial norms, reduced
+        nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    # -- checkpoints: one-process states whatever the mode --
+
+    def model_state(self, model: nn.Module) -> dict[str, Any]:
+        """`model.state_dict()`. Under FSDP the full weights gathered to rank 0's CPU (every
+        rank must call it; the others get {})."""
+        if not self.sharded:
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full_state_options())
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """`optimizer.state_dict()`. Under FSDP the full states gathered to rank 0's CPU and
+        keyed by parameter index as in one process (every rank must call it)."""
+        if not self.sharded or not optimizer.state:
+            # No step yet: nothing is sharded, and torch's helper would take a zero step to
+            # make states (AdamW's step count would then be off by one).
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(model, optimizer, options=_full_state_options())
+        if not self.is_main:
+            return {}
+        names = [name for group in full["param_groups"] for name in group["params"]]
+        index = {name: i for i, name in enumerate(names)}
+        return {
+            "state": {index[name]: value for name, value in full["state"].items()},
+            "param_groups": [
+                {**group, "params": [index[name] for name in group["params"]]}
+                for group in full["param_groups"]
+            ],
+        }
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """`model.load_state_dict(state)` of a full (one-process) state. Under FSDP rank 0's copy
+        is broadcast and every rank keeps its shards."""
+        if not self.sharded:
+            model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        set_model_state_dict(
+            model,
+            state if self.is_main else {},
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+
+    def load_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        """`optimizer.load_state_dict(state)` of a one-process (or `optimizer_state`) state.
+        Under FSDP rank 0's copy is broadcast and every rank keeps its shards."""
+        if not self.sharded or not state["state"]:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        fqn = {id(p): name for name, p in model.named_parameters()}
+        names = [fqn[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        by_name = {
+            "state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [
+                {**group, "params": [names[i] for i in group["params"]]}
+                for group in state["param_groups"]
+            ],
+        }
+        set_optimizer_state_dict(
+            model,
+            optimizer,
+            by_name if self.is_main else {},
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate this rank's share of the global loss. DDP averages the gradients over
@@ -191,12 +323,49 @@ class Distributed:
             torch_dist.destroy_process_group()
 
 
+def _full_state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards one by one: those of the classes a Hugging Face model names in
+    `_no_split_modules` (its decoder layers), else the entries of its ModuleLists."""
+    names: set[str] = set()
+    for module in model.modules():  # a wrapper (e.g. a scalar head) holds the HF model
+        names |= set(getattr(module, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        blocks = [block for m in model.modules() if isinstance(m, nn.ModuleList) for block in m]
+    return blocks
+
+
+def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """FSDP2 on each transformer block, then on the root (the embeddings, final norm and head,
+    tied or not, in one group): `model` itself, its parameters now DTensor shards on
+    `device`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh)
+    # The root too reshards after its forward (by default it keeps its weights gathered for
+    # the backward), so evaluation leaves nothing gathered and the optimizer sees the shards.
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
 SINGLE = Distributed()
 
 
-def init(device: str = "cpu") -> Distributed:
+def init(device: str = "cpu", sharding: str = "none") -> Distributed:
     """Join the run torch elastic started (gloo on CPU; nccl on CUDA, GPU = local rank), or
-    SINGLE when this process is the whole run. `device`: "cpu" or "cuda" (the worker's)."""
+    SINGLE when this process is the whole run. `device`: "cpu" or "cuda" (the worker's);
+    `sharding`: "none" (DDP) or "fsdp" (FSDP2)."""
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, not {sharding!r}")
     rank, world_size, local_rank = environment()
     if world_size <= 1:
         return SINGLE
@@ -204,7 +373,8 @@ def init(device: str = "cpu") -> Distributed:
     if sharded:
         raise RuntimeError(
             f"the accelerate configuration asks for {', '.join(sharded)}: prefloop's trainers run "
-            "data-parallel (DDP) only, so the model must fit one GPU"
+            'data-parallel (DDP), or FSDP2 when the job says "sharding": "fsdp"; '
+            "accelerate's own sharding configurations are not read"
         )
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
@@ -213,4 +383,4 @@ def init(device: str = "cpu") -> Distributed:
         name, backend = "cpu", "gloo"
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
-    return Distributed(rank, world_size, local_rank, name)
+    return Distributed(rank, world_size, local_rank, name, sharding)

@@ -35,7 +35,8 @@ Data-parallel (`dist`, trainer/distributed.py): every rank holds the whole refer
 (each computes every world_size-th pair by length, and the ranks' rows are summed together),
 takes its slice of every global batch of `batch_size` pairs, and divides its loss by the pairs
 of the whole step, so N processes follow the one-process loss curve; rank 0 evaluates,
-checkpoints and saves.
+checkpoints and saves. Sharded (`dist.sharded`, FSDP2), every rank runs the evaluation and
+reference forwards (each needs all of them) and rank 0 still reports and writes.
 
 AdamW with warmup and linear or cosine decay, gradient accumulation (the loss of a step is the
 mean over all its pairs), clipping, bf16 autocast and gradient checkpointing on a GPU, seeded
@@ -282,10 +283,22 @@ def reference_logps(
 ) -> torch.Tensor:
     """`sequence_logps` of every pair (N, 2), the work shared by the ranks: each computes every
     world_size-th pair in length order (the same work for each) and the ranks' rows, zeros
-    elsewhere, are summed. One process: the same batches as `sequence_logps` itself."""
+    elsewhere, are summed. One process: the same batches as `sequence_logps` itself. FSDP:
+    every forward needs every rank, so each takes its slice of every global batch of
+    batch_size x world_size pairs (a stand-in pair, discarded, where its slice is empty)."""
     by_length = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
-    mine = shard(by_length, dist.rank, dist.world_size)
     table = torch.zeros(len(pairs), 2)
+    if dist.sharded:
+        width = batch_size * dist.world_size
+        for start in range(0, len(by_length), width):
+            mine, stand_in = dist.shard(by_length[start : start + width])
+            logps = sequence_logps(
+                model, [pairs[i] for i in mine], pad_token_id, device, bf16, batch_size
+            )
+            if not stand_in:
+                table[mine] = logps
+        return dist.sum_tensor(table)
+    mine = shard(by_length, dist.rank, dist.world_size)
     table[mine] = sequence_logps(
         model, [pairs[i] for i in mine], pad_token_id, device, bf16, batch_size
     )
@@ -392,9 +405,9 @@ def train(
 
     # ---- model
     seed_everything(config.seed)
-    model, tokenizer, saved_dtype = policy_to_train(
-        config.model_name_or_path, device, checkpointing
-    )
+    # FSDP: on the CPU until `wrap` moves each rank's shards to its device
+    home = torch.device("cpu") if dist.sharded else device
+    model, tokenizer, saved_dtype = policy_to_train(config.model_name_or_path, home, checkpointing)
     pad_id = tokenizer.pad_token_id
 
     # ---- data: tokenised once; pairs that cannot teach anything are dropped
@@ -414,6 +427,11 @@ def train(
     fingerprint = _fingerprint(config, train_data, eval_data)
     checkpoint = output_dir / CHECKPOINT_DIR / "state.pt"
 
+    # The model that backpropagates: DDP's wrapper (which also makes every rank start from
+    # rank 0's weights), the model sharded in place (FSDP: before the reference pass, whose
+    # forwards need the shards), or the model itself in one process.
+    forward = dist.wrap(model)
+
     # ---- the reference: log pi_ref of every pair, once, by the policy before any update
     reference_file = output_dir / CHECKPOINT_DIR / REFERENCE_FILE
     saved_reference = load_checkpoint(reference_file, fingerprint)
@@ -432,7 +450,7 @@ def train(
             lambda: {"fingerprint": fingerprint, "train": ref_train, "eval": ref_eval},
         )
 
-    # ---- optimizer: AdamW, linear warmup then linear or cosine decay
+    # ---- optimizer: AdamW, linear warmup then linear or cosine decay (on FSDP's shards)
     optimizer, scheduler = adamw_with_schedule(model, config, total_steps, config.lr_scheduler)
 
     # ---- resume from a checkpoint of the same run, if there is one
@@ -442,26 +460,25 @@ def train(
     done = 0
     state = load_checkpoint(checkpoint, fingerprint)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        dist.load_model_state(model, state["model"])
+        dist.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         done, totals = state["step"], state["totals"]
         last_window, last_eval = state["last_window"], state["last_eval"]
         set_rng_state(state["rng"])
         on_progress(done / total_steps, f"resumed at step {done}/{total_steps}")
     resumed_from = done
-    # The model that backpropagates: DDP's wrapper (which also makes every rank start from
-    # rank 0's weights), or the model itself in one process.
-    forward = dist.wrap(model)
 
     def save_checkpoint() -> None:
+        # every rank: under FSDP the full states are gathered to rank 0
+        weights, moments = dist.model_state(model), dist.optimizer_state(model, optimizer)
         save_on_main(
             dist,
             checkpoint,
             lambda: {
                 "fingerprint": fingerprint,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": weights,
+                "optimizer": moments,
                 "scheduler": scheduler.state_dict(),
                 "step": done,
                 "totals": totals,
@@ -537,7 +554,7 @@ def train(
             totals["tokens"] += int(sums["tokens"])
             for name, value in sums.items():
                 window[name] += value
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            grad_norm = dist.clip_grad_norm(model, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -570,16 +587,17 @@ def train(
                 config.eval_every
                 and done % config.eval_every == 0
                 and done % steps_per_epoch
-                and dist.is_main
+                and dist.evaluates
             ):
                 last_eval = run_eval(done)
             if config.save_every and done % config.save_every == 0 and done < total_steps:
                 save_checkpoint()
         # not already evaluated before a stop
-        if (epoch + 1) * steps_per_epoch > resumed_from and dist.is_main:
+        if (epoch + 1) * steps_per_epoch > resumed_from and dist.evaluates:
             last_eval = run_eval(done)
 
     # ---- finish (rank 0): the policy in plain transformers format, in its checkpoint's dtype
+    weights = dist.model_state(model) if dist.sharded else None  # FSDP: gathered to rank 0
     if not dist.is_main:
         dist.barrier()  # until rank 0 has saved
         return DPOResult(str(output_dir), {}, steps=done, total_steps=total_steps)
@@ -602,7 +620,7 @@ def train(
         "steps": done,
     }
     meta = {"format": "prefloop-dpo/1", "config": asdict(config), "metrics": metrics}
-    save_policy(model, tokenizer, output_dir, saved_dtype, checkpointing, META_FILE, meta)
+    save_policy(model, tokenizer, output_dir, saved_dtype, checkpointing, META_FILE, meta, weights)
     dist.barrier()
     on_progress(1.0, "done")
     return DPOResult(

@@ -10,7 +10,8 @@ to the attempt's folder (`<attempt>/launch/payload.pkl`), and
         --mixed_precision no --dynamo_backend no --main_process_port P \\
         -m trainer.launched <attempt>/launch
 
-starts the ranks (trainer/launched.py). `--multi_gpu` is accelerate's launcher that starts N
+starts the ranks (trainer/launched.py); `sharding="fsdp"` (in the payload) makes them shard
+the model with FSDP2 instead of replicating it (trainer/distributed.py). `--multi_gpu` is accelerate's launcher that starts N
 local processes through torch elastic, on CPU too (the ranks pick gloo or nccl themselves
 from the worker's device); `--cpu` would start a single process, since accelerate runs
 several CPU processes only through mpirun. Every rank sees the GPUs the worker sees and takes
@@ -46,6 +47,7 @@ from trainer.launched import (
     PAYLOAD,
     PR_SET_PDEATHSIG,
     RESULT,
+    SHARDINGS,
     STOP,
     WORKER_PID_ENV,
 )
@@ -192,18 +194,28 @@ def launch(
     should_stop: Callable[[], bool] = lambda: False,
     log: logging.Logger | None = None,
     stop_grace_seconds: float = STOP_GRACE_SECONDS,
+    sharding: str = "none",
 ) -> Any:
     """`target(*args, **kwargs)` ("module:function") in `processes` ranks; returns rank 0's
-    return value. `device`: the worker's, "cpu" or "cuda"."""
+    return value. `device`: the worker's, "cpu" or "cuda"; `sharding`: "none" (DDP) or
+    "fsdp" (FSDP2: the model's weights split over the ranks; trainer/distributed.py)."""
     if not 2 <= processes <= MAX_PROCESSES:
         raise ValueError(f"processes must be 2..{MAX_PROCESSES}, not {processes}")
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, not {sharding!r}")
     kind = device_kind(device, processes)
     log = log or logging.getLogger("prefloop.launch")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (STOP, RESULT, EVENTS, *(p.name for p in run_dir.glob(ERRORS))):
         (run_dir / stale).unlink(missing_ok=True)
-    payload = {"target": target, "args": tuple(args), "kwargs": kwargs, "device": kind}
+    payload = {
+        "target": target,
+        "args": tuple(args),
+        "kwargs": kwargs,
+        "device": kind,
+        "sharding": sharding,
+    }
     (run_dir / PAYLOAD).write_bytes(pickle.dumps(payload))
 
     command = launch_command(processes, run_dir, free_port())
@@ -212,7 +224,9 @@ def launch(
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     log_path = run_dir / LOG_FILE
-    log.info("launching %s processes (%s): %s", processes, kind, " ".join(command))
+    log.info(
+        "launching %s processes (%s, sharding %s): %s", processes, kind, sharding, " ".join(command)
+    )
     events = _Tail(run_dir / EVENTS)
     stop_asked_at: float | None = None
 
@@ -271,6 +285,7 @@ def run_in_processes(
     kwargs: dict[str, Any] | None = None,
     *,
     on_progress: Callable[[float, str], None] | None = None,
+    sharding: str = "none",
 ) -> Any:
     """`launch` for a job handler (ctx: trainer.worker.JobContext): the ranks' metrics are
     the job's, the job's stop request stops them, and a launch that ended because of a stop
@@ -287,6 +302,7 @@ def run_in_processes(
             on_progress=on_progress or ctx.report,
             should_stop=ctx.should_stop,
             log=ctx.log,
+            sharding=sharding,
         )
     except LaunchError:
         ctx.check_stop()

@@ -3,7 +3,8 @@
     accelerate launch --multi_gpu --num_processes 2 -m trainer.launched RUN_DIR
 
 RUN_DIR holds `payload.pkl`, written by the worker: the trainer to call ("module:function",
-e.g. "trainer.reward:train"), its arguments and the device kind. Every rank calls
+e.g. "trainer.reward:train"), its arguments, the device kind and the sharding ("none": DDP,
+"fsdp": FSDP2). Every rank calls
 `function(*args, **kwargs, dist=..., on_metric=..., on_progress=..., should_stop=...)`; the
 function must accept those keywords (trainer.reward.train, trainer.sft.train and
 trainer.dpo.train do). Rank 0 appends its metrics and progress to `events.jsonl` for the
@@ -32,6 +33,7 @@ RESULT = "result.pkl"
 STOP = "STOP"
 WORKER_PID_ENV = "PREFLOOP_WORKER_PID"
 PR_SET_PDEATHSIG = 1
+SHARDINGS = ("none", "fsdp")  # DDP, or FSDP2 (trainer/distributed.py)
 
 
 def die_with_parent(signum: int = signal.SIGKILL) -> None:
@@ -88,7 +90,7 @@ def main(run_dir: Path) -> int:
     worker_pid = int(os.environ[WORKER_PID_ENV]) if WORKER_PID_ENV in os.environ else None
     from trainer.distributed import init
 
-    dist = init(payload["device"])
+    dist = init(payload["device"], payload.get("sharding", "none"))
     stop_file = run_dir / STOP
 
     def should_stop() -> bool:

@@ -347,6 +347,11 @@ def train(
     `dist` (trainer/distributed.py): one of several data-parallel processes. Each takes its
     slice of every global batch of `batch_size` judgments, so the run follows the one-process
     loss curve; rank 0 evaluates, checkpoints and saves."""
+    if dist.sharded:
+        raise ValueError(
+            "the reward trainer runs data-parallel (DDP) only, not sharded (FSDP): its "
+            "last-token pooling bypasses the model's forward; train it with sharding 'none'"
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = dist.device if dist.active else resolve_device(device)

@@ -422,19 +422,32 @@ def save_policy(
     checkpointing: bool,
     meta_file: str,
     meta: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """The trained policy in plain transformers format, in its checkpoint's dtype (bf16 and
     fp16 stay so), with its tokenizer and `meta` (plus whether a chat template formatted the
-    data) in `meta_file`; the resumable checkpoint is removed."""
+    data) in `meta_file`; the resumable checkpoint is removed. `state_dict`: the full weights
+    of a sharded (FSDP) `model`, written instead of its own."""
     if checkpointing:  # off again, so the saved model is plain
         if hasattr(model, "activation_checkpointing_disable"):  # transformers 5
             model.activation_checkpointing_disable()
         else:
             model.gradient_checkpointing_disable()
-    if isinstance(saved_dtype, torch.dtype) and saved_dtype in (torch.bfloat16, torch.float16):
-        model.to(saved_dtype)
+    half = isinstance(saved_dtype, torch.dtype) and saved_dtype in (torch.bfloat16, torch.float16)
     model.config.use_cache = True
-    model.save_pretrained(output_dir)
+    if state_dict is not None:
+        if half:
+            state_dict = {
+                k: v.to(saved_dtype) if v.is_floating_point() else v for k, v in state_dict.items()
+            }
+        model.save_pretrained(output_dir, state_dict=state_dict)
+        if half:  # save_pretrained wrote the dtype of the sharded fp32 weights
+            model.config.dtype = saved_dtype
+            model.config.save_pretrained(output_dir)
+    else:
+        if half:
+            model.to(saved_dtype)
+        model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     meta = {**meta, "chat_template": bool(getattr(tokenizer, "chat_template", None))}
     (output_dir / meta_file).write_text(json.dumps(json_safe(meta), indent=2))
@@ -502,7 +515,9 @@ def train(
     `dist` (trainer/distributed.py): one of several data-parallel processes. Each takes its
     slice of every global batch of `batch_size` examples (rows), and the loss stays the mean
     over the global step's target tokens, so the run follows the one-process loss curve; rank
-    0 evaluates, checkpoints and saves."""
+    0 evaluates, checkpoints and saves. Sharded (`dist.sharded`, FSDP2, for a policy too big
+    for one GPU), every rank runs the evaluation forwards (each needs all of them) and rank 0
+    still reports and writes."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = dist.device if dist.active else resolve_device(device)
@@ -516,9 +531,9 @@ def train(
 
     # ---- model
     seed_everything(config.seed)
-    model, tokenizer, saved_dtype = policy_to_train(
-        config.model_name_or_path, device, checkpointing
-    )
+    # FSDP: on the CPU until `wrap` moves each rank's shards to its device
+    home = torch.device("cpu") if dist.sharded else device
+    model, tokenizer, saved_dtype = policy_to_train(config.model_name_or_path, home, checkpointing)
     pad_id = tokenizer.pad_token_id
 
     # ---- data: tokenised once
@@ -530,7 +545,7 @@ def train(
     if not train_data:
         raise ValueError("no training demonstrations")
     if config.packing:
-        if not packing_is_exact(model, train_data, device, pad_id):
+        if not packing_is_exact(model, train_data, home, pad_id):
             raise ValueError(
                 f"packing is not exact for {type(model).__name__} (its attention does not "
                 "restart at position-id resets); train with packing off"
@@ -552,9 +567,6 @@ def train(
             return collate_packed(rows, pad_id)
         return collate([train_data[units[u][0]] for u in indices], pad_id)
 
-    # ---- optimizer: AdamW, linear warmup then cosine or linear decay
-    optimizer, scheduler = adamw_with_schedule(model, config, total_steps, config.lr_scheduler)
-
     # ---- resume from a checkpoint of the same run, if there is one
     checkpoint = output_dir / CHECKPOINT_DIR / "state.pt"
     fingerprint = _fingerprint(config, train_data)
@@ -562,28 +574,33 @@ def train(
     done = 0
     last_eval: dict[str, float] = {}
     before: dict[str, float] = {}
+    # The model that backpropagates: DDP's wrapper (which also makes every rank start from
+    # rank 0's weights), the model sharded in place (FSDP), or the model itself in one process.
+    forward = dist.wrap(model)
+
+    # ---- optimizer: AdamW, linear warmup then cosine or linear decay (on FSDP's shards)
+    optimizer, scheduler = adamw_with_schedule(model, config, total_steps, config.lr_scheduler)
     state = load_checkpoint(checkpoint, fingerprint)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        dist.load_model_state(model, state["model"])
+        dist.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         done, totals, last_eval = state["step"], state["totals"], state["last_eval"]
         before = state["before"]
         set_rng_state(state["rng"])
         on_progress(done / total_steps, f"resumed at step {done}/{total_steps}")
     resumed_from = done
-    # The model that backpropagates: DDP's wrapper (which also makes every rank start from
-    # rank 0's weights), or the model itself in one process.
-    forward = dist.wrap(model)
 
     def save_checkpoint() -> None:
+        # every rank: under FSDP the full states are gathered to rank 0
+        weights, moments = dist.model_state(model), dist.optimizer_state(model, optimizer)
         save_on_main(
             dist,
             checkpoint,
             lambda: {
                 "fingerprint": fingerprint,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": weights,
+                "optimizer": moments,
                 "scheduler": scheduler.state_dict(),
                 "step": done,
                 "totals": totals,
@@ -600,7 +617,7 @@ def train(
             emit(step, "eval/perplexity", metrics["perplexity"])
         return metrics
 
-    if config.eval_before and done == 0 and eval_data and dist.is_main:
+    if config.eval_before and done == 0 and eval_data and dist.evaluates:
         before = run_eval(0)
 
     # ---- the loop
@@ -647,7 +664,7 @@ def train(
             step_tokens = int(step_tokens)
             totals["tokens"] += step_tokens
             window["tokens"] += step_tokens
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            grad_norm = dist.clip_grad_norm(model, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -678,16 +695,17 @@ def train(
                 config.eval_every
                 and done % config.eval_every == 0
                 and done % steps_per_epoch
-                and dist.is_main
+                and dist.evaluates
             ):
                 last_eval = run_eval(done)
             if config.save_every and done % config.save_every == 0 and done < total_steps:
                 save_checkpoint()
         # not already evaluated before a stop
-        if (epoch + 1) * steps_per_epoch > resumed_from and dist.is_main:
+        if (epoch + 1) * steps_per_epoch > resumed_from and dist.evaluates:
             last_eval = run_eval(done)
 
     # ---- finish (rank 0): the policy in plain transformers format, in its checkpoint's dtype
+    weights = dist.model_state(model) if dist.sharded else None  # FSDP: gathered to rank 0
     if not dist.is_main:
         dist.barrier()  # until rank 0 has saved
         return SFTResult(str(output_dir), {}, steps=done, total_steps=total_steps)
@@ -710,7 +728,7 @@ def train(
         "steps": done,
     }
     meta = {"format": "prefloop-sft/1", "config": asdict(config), "metrics": metrics}
-    save_policy(model, tokenizer, output_dir, saved_dtype, checkpointing, META_FILE, meta)
+    save_policy(model, tokenizer, output_dir, saved_dtype, checkpointing, META_FILE, meta, weights)
     dist.barrier()
     on_progress(1.0, "done")
     return SFTResult(

@@ -9,7 +9,8 @@ job's `run` uses it:
 3. `trainer_config`: the trainer's config from the spec's training options (the same names; a
    test in each job's tests holds the two equal).
 4. `train_in_job`: the trainer in the worker's process, or in `spec.processes` data-parallel
-   ones (trainer/launch.py; the same result), with the job's metrics, progress and stop
+   ones (trainer/launch.py; the same result; the sft and dpo jobs' `spec.sharding` "fsdp"
+   shards the model over them), with the job's metrics, progress and stop
    request; a run that stopped hands the job back to the worker (JobStopped).
 5. `publish_version`: the finished folder becomes a model version with the job's success
    (trainer/model_versions.py)."""
@@ -87,13 +88,17 @@ def train_in_job(
     kwargs: dict[str, Any] | None = None,
     *,
     on_progress: Callable[[float, str], None],
+    sharding: str = "none",
 ) -> Any:
     """`train(*args, **kwargs)` with the job's device, metrics, progress and stop request, in
-    this process or in `processes` data-parallel ones; its result when it finished. A run that
-    stopped raises JobStopped (the worker requeues or cancels the job)."""
+    this process or in `processes` data-parallel ones (`sharding="fsdp"`: the model sharded
+    over them with FSDP2); its result when it finished. A run that stopped raises JobStopped
+    (the worker requeues or cancels the job)."""
     if processes > 1:
         target = f"{train.__module__}:{train.__name__}"
-        result = run_in_processes(ctx, target, processes, args, kwargs, on_progress=on_progress)
+        result = run_in_processes(
+            ctx, target, processes, args, kwargs, on_progress=on_progress, sharding=sharding
+        )
     else:
         result = train(
             *args,
@@ -169,6 +174,7 @@ def run_policy_training(
         spec.processes,
         (make_config(spec, location), data.train, data.eval, work_dir),
         on_progress=on_progress,
+        sharding=spec.sharding,
     )
     data_ref = {**data.counts, "fingerprint": data.fingerprint()}
     summary = {

@@ -176,6 +176,14 @@ class RewardJobSpec(RewardFilters):
         return self.export_with(format="rankings", ties="margin0", dedupe=False)
 
 
+def check_sharding(processes: int, sharding: str) -> None:
+    """A sharded job needs several processes to shard over."""
+    if sharding != "none" and processes < 2:
+        raise ValueError(
+            f"sharding {sharding!r} needs processes >= 2 (it splits the model over them)"
+        )
+
+
 def _message(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
@@ -543,7 +551,17 @@ class SFTJobSpec(SFTFilters):
         description="Data-parallel processes, one per GPU of the worker (DDP through accelerate "
         "launch); batch_size stays the global batch.",
     )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="fsdp: shard the weights, gradients and optimizer states over the processes "
+        "(PyTorch FSDP2), for a policy that does not fit one GPU; needs processes >= 2.",
+    )
     training: SFTTraining = Field(default_factory=SFTTraining)
+
+    @model_validator(mode="after")
+    def _sharding_needs_processes(self) -> Self:
+        check_sharding(self.processes, self.sharding)
+        return self
 
     def export_params(self) -> ExportParams:
         """The `sft` export the job reads its demonstrations from."""
@@ -614,7 +632,17 @@ class DPOJobSpec(DPOFilters):
         description="Data-parallel processes, one per GPU of the worker (DDP through accelerate "
         "launch); batch_size stays the global batch.",
     )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="fsdp: shard the weights, gradients and optimizer states over the processes "
+        "(PyTorch FSDP2), for a policy that does not fit one GPU; needs processes >= 2.",
+    )
     training: DPOTraining = Field(default_factory=DPOTraining)
+
+    @model_validator(mode="after")
+    def _sharding_needs_processes(self) -> Self:
+        check_sharding(self.processes, self.sharding)
+        return self
 
     def export_params(self) -> ExportParams:
         """The `trl` export (one row per judgment and pair, as labeled) the job reads."""
