@@ -291,7 +291,11 @@ def test_the_command_queues_an_sft_job(fresh_database_url, tmp_path):
         "train", "sft", "--campaign", "sft-cli", "--model", "nope", env=env, cwd=tmp_path
     )
     assert missing.returncode == 1 and "no model version 'nope'" in missing.stderr
-    queued = run_cli(*args, "--epochs", "2", env=env, cwd=tmp_path)
+    unsharded = run_cli(*args, "--sharding", "fsdp", env=env, cwd=tmp_path)
+    assert unsharded.returncode == 2 and "needs processes >= 2" in unsharded.stderr
+    queued = run_cli(
+        *args, "--epochs", "2", "--processes", "2", "--sharding", "fsdp", env=env, cwd=tmp_path
+    )
     assert queued.returncode == 0, queued.stderr
     job_id = re.search(r"queued job (\d+)", queued.stdout).group(1)
     shown = run_cli("job", "show", job_id, env=env, cwd=tmp_path)
@@ -302,5 +306,10 @@ def test_the_command_queues_an_sft_job(fresh_database_url, tmp_path):
             job = db.get_one(Job, int(job_id))
             assert job.kind == "sft" and job.config["model_id"] == base_id
             assert job.config["training"]["epochs"] == 2 and job.config["training"]["packing"]
+            assert (job.config["processes"], job.config["sharding"], job.processes) == (
+                2,
+                "fsdp",
+                2,
+            )
     finally:
         database.dispose()

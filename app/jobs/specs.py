@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
@@ -39,6 +39,25 @@ EXPORTED_FILTERS = (
     "dedupe",
     "test_fraction",
 )
+
+
+# How a reward, SFT or DPO job spreads over the worker's GPUs.
+Processes = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=64,
+        description="Data-parallel processes, one per GPU of the worker (DDP through accelerate "
+        "launch); batch_size stays the global batch.",
+    ),
+]
+Sharding = Annotated[
+    Literal["none", "fsdp"],
+    Field(
+        description="fsdp: shard the weights, gradients and optimizer states over the processes "
+        "(PyTorch FSDP2), for a policy that does not fit one GPU; needs processes >= 2."
+    ),
+]
 
 
 class ExportFilters(BaseModel):
@@ -161,13 +180,7 @@ class RewardJobSpec(RewardFilters):
         description="Warm-start from this reward model version (weights and head) instead "
         "of a fresh head on the backbone; the new version is its child.",
     )
-    processes: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="Data-parallel processes, one per GPU of the worker (DDP through accelerate "
-        "launch); batch_size stays the global batch.",
-    )
+    processes: Processes = 1
     training: RewardTraining = Field(default_factory=RewardTraining)
 
     def export_params(self) -> ExportParams:
@@ -176,12 +189,13 @@ class RewardJobSpec(RewardFilters):
         return self.export_with(format="rankings", ties="margin0", dedupe=False)
 
 
-def check_sharding(processes: int, sharding: str) -> None:
-    """A sharded job needs several processes to shard over."""
-    if sharding != "none" and processes < 2:
+def check_sharding(spec: Any) -> Any:
+    """A sharded job needs several processes to shard over (the SFT and DPO specs' check)."""
+    if spec.sharding != "none" and spec.processes < 2:
         raise ValueError(
-            f"sharding {sharding!r} needs processes >= 2 (it splits the model over them)"
+            f"sharding {spec.sharding!r} needs processes >= 2 (it splits the model over them)"
         )
+    return spec
 
 
 def _message(error: ValidationError) -> str:
@@ -544,24 +558,11 @@ class SFTJobSpec(SFTFilters):
 
     max_examples: int | None = Field(None, ge=1, description="Train on at most this many.")
     name: str | None = Field(None, max_length=200, description="The new version's name.")
-    processes: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="Data-parallel processes, one per GPU of the worker (DDP through accelerate "
-        "launch); batch_size stays the global batch.",
-    )
-    sharding: Literal["none", "fsdp"] = Field(
-        "none",
-        description="fsdp: shard the weights, gradients and optimizer states over the processes "
-        "(PyTorch FSDP2), for a policy that does not fit one GPU; needs processes >= 2.",
-    )
+    processes: Processes = 1
+    sharding: Sharding = "none"
     training: SFTTraining = Field(default_factory=SFTTraining)
 
-    @model_validator(mode="after")
-    def _sharding_needs_processes(self) -> Self:
-        check_sharding(self.processes, self.sharding)
-        return self
+    _sharding_needs_processes = model_validator(mode="after")(check_sharding)
 
     def export_params(self) -> ExportParams:
         """The `sft` export the job reads its demonstrations from."""
@@ -625,24 +626,11 @@ class DPOJobSpec(DPOFilters):
 
     max_pairs: int | None = Field(None, ge=1, description="Train on at most this many pairs.")
     name: str | None = Field(None, max_length=200, description="The new version's name.")
-    processes: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="Data-parallel processes, one per GPU of the worker (DDP through accelerate "
-        "launch); batch_size stays the global batch.",
-    )
-    sharding: Literal["none", "fsdp"] = Field(
-        "none",
-        description="fsdp: shard the weights, gradients and optimizer states over the processes "
-        "(PyTorch FSDP2), for a policy that does not fit one GPU; needs processes >= 2.",
-    )
+    processes: Processes = 1
+    sharding: Sharding = "none"
     training: DPOTraining = Field(default_factory=DPOTraining)
 
-    @model_validator(mode="after")
-    def _sharding_needs_processes(self) -> Self:
-        check_sharding(self.processes, self.sharding)
-        return self
+    _sharding_needs_processes = model_validator(mode="after")(check_sharding)
 
     def export_params(self) -> ExportParams:
         """The `trl` export (one row per judgment and pair, as labeled) the job reads."""

@@ -62,6 +62,12 @@ Sources = Annotated[
     typer.Option("--source", help="human, import or ai; repeat (default: all)."),
 ]
 # supervised training (reward model, SFT, DPO)
+Processes = Annotated[
+    int, typer.Option(min=1, max=64, help="Data-parallel processes (GPUs) to train in.")
+]
+Sharding = Annotated[
+    str, typer.Option(help="none, or fsdp: shard the model over the processes (FSDP2).")
+]
 PolicyModel = Annotated[str, typer.Option("--model", help="Policy model version id or name.")]
 PeakLearningRate = Annotated[float, typer.Option(help="Peak learning rate.")]
 GradAccumulation = Annotated[int, typer.Option(help="Batches per step.")]
@@ -244,6 +250,7 @@ def train_reward(
         bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory (GPU).")
     ] = False,
     seed: TrainingSeed = 42,
+    processes: Processes = 1,
     priority: Priority = 0,
 ) -> None:
     """Queue a reward model trained on the campaigns' current judgments; a worker runs it."""
@@ -430,6 +437,8 @@ def train_sft(
     ] = False,
     gradient_checkpointing: AutoCheckpointing = None,
     seed: TrainingSeed = 42,
+    processes: Processes = 1,
+    sharding: Sharding = "none",
     priority: Priority = 0,
 ) -> None:
     """Queue supervised fine-tuning of a policy version on demonstrations; a worker runs it."""
@@ -463,6 +472,8 @@ def train_dpo(
     lr_scheduler: Annotated[str, typer.Option(help="linear or cosine decay.")] = "linear",
     gradient_checkpointing: AutoCheckpointing = None,
     seed: TrainingSeed = 42,
+    processes: Processes = 1,
+    sharding: Sharding = "none",
     priority: Priority = 0,
 ) -> None:
     """Queue DPO of a policy version on the campaigns' comparisons; a worker runs it."""
