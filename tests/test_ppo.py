@@ -324,3 +324,18 @@ def test_accumulation_and_checkpointing_give_the_same_update(
     start = weights(policy_dir)
     assert any(not torch.equal(a[name], start[name]) for name in a)  # the step did learn
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)  # every tensor, the same names
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_bf16_ppo_raises_the_reward(policy_dir: Path, tmp_path: Path) -> None:
+    """bf16 autocast is on by default with CUDA (fp32 master weights); gradient checkpointing
+    on the policy and value model too. The reward still rises and the KL starts at 0."""
+    cfg = config(policy_dir, gradient_checkpointing=True)
+    result, seen, _ = train_recording(
+        train, cfg, tmp_path / "gpu", reward_fn=says_sunny, device="cuda"
+    )
+    reward, kl = series(seen, "reward/raw"), series(seen, "kl/k1")
+    assert sum(reward[-5:]) / 5 > sum(reward[:3]) / 3 + 0.2, reward
+    assert kl[0] == pytest.approx(0.0, abs=1e-3) and result.steps == cfg.total_steps
+    meta = json.loads((tmp_path / "gpu" / META_FILE).read_text())
+    assert meta["config"]["bf16"] is None  # auto: on

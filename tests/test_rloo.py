@@ -267,3 +267,16 @@ def test_config_fields_document_themselves_and_validate(tmp_path: Path) -> None:
     assert RLOOConfig(policy="p", prompts_per_step=3, k=5).batch_size == 15
     with pytest.raises(ValueError, match="reward_fn"):
         train(RLOOConfig(policy="p"), PROMPTS, tmp_path, device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_bf16_rloo_raises_the_reward(policy_dir: Path, tmp_path: Path) -> None:
+    """bf16 autocast is on by default with CUDA; the reward still rises, from KL 0."""
+    cfg = config(policy_dir, gradient_checkpointing=True)
+    result, seen, _ = train_recording(
+        train, cfg, tmp_path / "gpu", reward_fn=says_sunny, device="cuda"
+    )
+    reward, kl = series(seen, "reward/raw"), series(seen, "kl/k1")
+    assert sum(reward[-5:]) / 5 > sum(reward[:3]) / 3 + 0.2, reward
+    assert kl[0] == pytest.approx(0.0, abs=1e-3) and result.steps == cfg.total_steps
+    assert json.loads((tmp_path / "gpu" / META_FILE).read_text())["config"]["bf16"] is None
