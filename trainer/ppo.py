@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from trainer.rollout import (
     disable_dropout,
     encode_prompt,
     fingerprint,
+    finish_run,
     generate_rollout,
     kl_controller,
     left_pad,
@@ -85,7 +86,6 @@ from trainer.rollout import (
     rollout_logprobs,
     rollout_metrics,
     sampling_config,
-    save_policy,
     score_responses,
 )
 from trainer.runtime import seed_everything
@@ -373,17 +373,19 @@ def train(
             checkpoint.save(done, last_metrics, history)
 
     # ---- finish: the policy in plain transformers format, beside the config and metrics
-    meta = {
-        "format": "prefloop-ppo/1",
-        "config": asdict(config),
-        "metrics": last_metrics,
-        "steps": done,
-        "kl_controller": kl_ctl.state_dict(),
-        "prompts": len(prompts),
-    }
-    save_policy(
-        policy, tokenizer, hub_generation, output_dir, META_FILE, meta, merge_lora=config.use_lora
+    finish_run(
+        "ppo",
+        config,
+        policy,
+        tokenizer,
+        hub_generation,
+        output_dir,
+        META_FILE,
+        metrics=last_metrics,
+        steps=done,
+        kl_controller=kl_ctl,
+        prompts=len(prompts),
+        checkpoint=checkpoint,
+        on_progress=on_progress,
     )
-    checkpoint.remove()
-    on_progress(1.0, "done")
     return PPOResult(str(output_dir), dict(last_metrics), False, done, total, history)

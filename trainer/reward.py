@@ -540,7 +540,7 @@ def train(
             window["loss"] += step_loss
             window["steps"] += 1
 
-            if done % config.logging_steps == 0 or done == total_steps:
+            if config.logs_at(done, total_steps):
                 emit(done, "train/loss", window["loss"] / window["steps"])
                 if window["strict"]:
                     emit(done, "train/accuracy", window["correct"] / window["strict"])
@@ -551,14 +551,9 @@ def train(
             on_progress(
                 done / total_steps, f"epoch {epoch + 1}/{config.epochs}, step {done}/{total_steps}"
             )
-            if (
-                config.eval_every
-                and done % config.eval_every == 0
-                and done % steps_per_epoch
-                and dist.is_main
-            ):
+            if config.evaluates_within_epoch_at(done, steps_per_epoch) and dist.is_main:
                 last_eval = run_eval(done)
-            if config.save_every and done % config.save_every == 0 and done < total_steps:
+            if config.checkpoints_at(done, total_steps):
                 save_checkpoint()
         # not already evaluated before a stop
         if (epoch + 1) * steps_per_epoch > resumed_from and dist.is_main:

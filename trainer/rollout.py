@@ -69,6 +69,7 @@ __all__ = [
     "disable_dropout",
     "encode_prompt",
     "fingerprint",
+    "finish_run",
     "generate_rollout",
     "kl_controller",
     "left_pad",
@@ -740,6 +741,40 @@ def record_metrics(
         history.append((step, name, value))
         on_metric(step, name, value)
     return finite
+
+
+def finish_run(
+    algorithm: str,
+    config: OnPolicyConfig,
+    policy: nn.Module,
+    tokenizer: Any,
+    hub_generation: Any,
+    output_dir: Path,
+    meta_file: str,
+    *,
+    metrics: dict[str, float],
+    steps: int,
+    kl_controller: Any,
+    prompts: int,
+    checkpoint: RunCheckpoint,
+    on_progress: Callable[[float, str], None],
+) -> None:
+    """The end of a finished PPO or RLOO run: the policy saved (`save_policy`) with its
+    config, last metrics, steps and KL controller in `meta_file`; the resumable checkpoint
+    removed."""
+    meta = {
+        "format": f"prefloop-{algorithm}/1",
+        "config": asdict(config),
+        "metrics": metrics,
+        "steps": steps,
+        "kl_controller": kl_controller.state_dict(),
+        "prompts": prompts,
+    }
+    save_policy(
+        policy, tokenizer, hub_generation, output_dir, meta_file, meta, merge_lora=config.use_lora
+    )
+    checkpoint.remove()
+    on_progress(1.0, "done")
 
 
 def save_policy(

@@ -71,6 +71,18 @@ class TrainingConfig:
         if self.batch_size < 1 or self.grad_accumulation_steps < 1 or self.epochs < 1:
             raise ValueError("batch_size, grad_accumulation_steps and epochs must be >= 1")
 
+    # What the training loop does after optimizer step `done` (counted from 1).
+    def logs_at(self, done: int, total_steps: int) -> bool:
+        return done % self.logging_steps == 0 or done == total_steps
+
+    def evaluates_within_epoch_at(self, done: int, steps_per_epoch: int) -> bool:
+        """`eval_every`'s evaluations; the one at an epoch's end is the loop's own."""
+        return bool(self.eval_every) and done % self.eval_every == 0 and done % steps_per_epoch != 0
+
+    def checkpoints_at(self, done: int, total_steps: int) -> bool:
+        """The last step saves the model itself, not a checkpoint."""
+        return bool(self.save_every) and done % self.save_every == 0 and done < total_steps
+
 
 def check_schedule(schedule: str) -> None:
     """A config's `lr_scheduler` must be one `lr_schedule` knows."""

@@ -680,7 +680,7 @@ def train(
             window["targets"] += normalizer
             window["seconds"] += seconds
 
-            if done % config.logging_steps == 0 or done == total_steps:
+            if config.logs_at(done, total_steps):
                 emit(done, "train/loss", window["loss"] / max(window["targets"], 1))
                 emit(done, "train/learning_rate", scheduler.get_last_lr()[0])
                 emit(done, "train/grad_norm", float(grad_norm))
@@ -691,14 +691,9 @@ def train(
             on_progress(
                 done / total_steps, f"epoch {epoch + 1}/{config.epochs}, step {done}/{total_steps}"
             )
-            if (
-                config.eval_every
-                and done % config.eval_every == 0
-                and done % steps_per_epoch
-                and dist.evaluates
-            ):
+            if config.evaluates_within_epoch_at(done, steps_per_epoch) and dist.evaluates:
                 last_eval = run_eval(done)
-            if config.save_every and done % config.save_every == 0 and done < total_steps:
+            if config.checkpoints_at(done, total_steps):
                 save_checkpoint()
         # not already evaluated before a stop
         if (epoch + 1) * steps_per_epoch > resumed_from and dist.evaluates:

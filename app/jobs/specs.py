@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
@@ -198,6 +198,17 @@ def check_sharding(spec: Any) -> Any:
     return spec
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], raw: dict[str, Any]) -> M:
+    """A validated spec, or SpecError naming every bad field (never echoing the input)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_message(error)) from error
+
+
 def _message(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
@@ -208,10 +219,7 @@ def _message(error: ValidationError) -> str:
 
 def parse_reward_spec(raw: dict[str, Any]) -> RewardJobSpec:
     """A validated spec, or SpecError naming every bad field (never echoing the input)."""
-    try:
-        return RewardJobSpec.model_validate(raw)
-    except ValidationError as error:
-        raise SpecError(_message(error)) from error
+    return _parse(RewardJobSpec, raw)
 
 
 def bundled_backbone() -> str | None:
@@ -249,10 +257,7 @@ class ScoreJobSpec(BaseModel):
 
 
 def parse_score_spec(raw: dict[str, Any]) -> ScoreJobSpec:
-    try:
-        return ScoreJobSpec.model_validate(raw)
-    except ValidationError as error:
-        raise SpecError(_message(error)) from error
+    return _parse(ScoreJobSpec, raw)
 
 
 GENERATE = "generate"
@@ -349,31 +354,24 @@ class GenerateJobSpec(BaseModel):
 
 
 def parse_generate_spec(raw: dict[str, Any]) -> GenerateJobSpec:
-    try:
-        return GenerateJobSpec.model_validate(raw)
-    except ValidationError as error:
-        raise SpecError(_message(error)) from error
+    return _parse(GenerateJobSpec, raw)
 
 
 PPO = "ppo"
 
 
-class PPOTraining(BaseModel):
-    """Hyperparameters of a PPO run (see `trainer.ppo.PPOConfig`; a test holds them equal)."""
+class OnPolicyTraining(BaseModel):
+    """What PPO and RLOO runs share (see `trainer.rollout.OnPolicyConfig`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    value_init: Literal["reward", "policy"] = "reward"
     normalize_reward: bool = True
     use_lora: bool = False
     lora_r: int = Field(16, ge=1, le=1024)
     lora_alpha: int = Field(32, ge=1, le=4096)
     lora_target_modules: str = Field("all-linear", max_length=500)
-    rollout_batch_size: int = Field(64, ge=1, le=65_536)
-    minibatch_size: int = Field(16, ge=1, le=65_536)
     micro_batch_size: int | None = Field(None, ge=1, le=65_536)
     forward_batch_size: int = Field(32, ge=1, le=65_536)
-    ppo_epochs: int = Field(4, ge=1, le=100)
     learning_rate: float = Field(3e-6, gt=0, le=1)
     lr_schedule: Literal["linear", "constant"] = "linear"
     adam_eps: float = Field(1e-5, gt=0, le=1)
@@ -382,23 +380,32 @@ class PPOTraining(BaseModel):
     temperature: float = Field(0.7, gt=0, le=5)
     top_p: float = Field(1.0, gt=0, le=1)
     separator: str = Field("\n\n", max_length=50)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
     clip_eps: float = Field(0.2, gt=0, le=10)
-    value_clip: float = Field(0.2, gt=0, le=1000)
-    vf_coef: float = Field(0.1, ge=0, le=100)
     kl_coef: float = Field(0.05, ge=0, le=100)
     adaptive_kl: bool = False
     kl_target: float = Field(6.0, gt=0, le=1000)
     kl_horizon: float = Field(10_000, gt=0)
     missing_eos_penalty: float | None = Field(None, ge=0, le=1000)
-    whiten_rewards: bool = False
     total_steps: int = Field(100, ge=1, le=1_000_000)
     checkpoint_every: int = Field(10, ge=0, description="Checkpoint every N steps (resume).")
     seed: int = 42
     bf16: bool | None = None
     gradient_checkpointing: bool = False
     max_grad_norm: float = Field(1.0, gt=0, le=1000)
+
+
+class PPOTraining(OnPolicyTraining):
+    """Hyperparameters of a PPO run (see `trainer.ppo.PPOConfig`; a test holds them equal)."""
+
+    value_init: Literal["reward", "policy"] = "reward"
+    rollout_batch_size: int = Field(64, ge=1, le=65_536)
+    minibatch_size: int = Field(16, ge=1, le=65_536)
+    ppo_epochs: int = Field(4, ge=1, le=100)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    value_clip: float = Field(0.2, gt=0, le=1000)
+    vf_coef: float = Field(0.1, ge=0, le=100)
+    whiten_rewards: bool = False
 
     @model_validator(mode="after")
     def _batches(self) -> PPOTraining:
@@ -407,9 +414,9 @@ class PPOTraining(BaseModel):
         return self
 
 
-class PPOJobSpec(BaseModel):
-    """A `ppo` job: optimise a policy version against a reward model version on the
-    campaigns' prompts, under a KL penalty toward the starting policy."""
+class OnPolicyJobSpec(BaseModel):
+    """What a `ppo` and an `rloo` job name: the policy to start from, the reward model to
+    optimise against, the campaigns whose prompts are used."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -421,58 +428,32 @@ class PPOJobSpec(BaseModel):
         None, gt=0, description="Warn on the job's page when the KL passes this (nats)."
     )
     name: str | None = Field(None, max_length=200)
+
+
+class PPOJobSpec(OnPolicyJobSpec):
+    """A `ppo` job: optimise a policy version against a reward model version on the
+    campaigns' prompts, under a KL penalty toward the starting policy."""
+
     training: PPOTraining = Field(default_factory=PPOTraining)
 
 
 def parse_ppo_spec(raw: dict[str, Any]) -> PPOJobSpec:
-    try:
-        return PPOJobSpec.model_validate(raw)
-    except ValidationError as error:
-        raise SpecError(_message(error)) from error
+    return _parse(PPOJobSpec, raw)
 
 
 RLOO = "rloo"
 
 
-class RLOOTraining(BaseModel):
+class RLOOTraining(OnPolicyTraining):
     """Hyperparameters of an RLOO run (see `trainer.rloo.RLOOConfig`; a test holds them equal)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    normalize_reward: bool = True
-    use_lora: bool = False
-    lora_r: int = Field(16, ge=1, le=1024)
-    lora_alpha: int = Field(32, ge=1, le=4096)
-    lora_target_modules: str = Field("all-linear", max_length=500)
     prompts_per_step: int = Field(16, ge=1, le=65_536, description="Each answered k times.")
     k: int = Field(4, ge=2, le=256, description="Responses per prompt (the baseline needs 2).")
     minibatch_size: int | None = Field(
         None, ge=1, le=1_048_576, description="Responses per update; None: the whole step."
     )
-    micro_batch_size: int | None = Field(None, ge=1, le=65_536)
-    forward_batch_size: int = Field(32, ge=1, le=65_536)
     epochs: int = Field(1, ge=1, le=100, description="1 with one minibatch: REINFORCE-LOO.")
-    learning_rate: float = Field(3e-6, gt=0, le=1)
-    lr_schedule: Literal["linear", "constant"] = "linear"
-    adam_eps: float = Field(1e-5, gt=0, le=1)
-    max_prompt_length: int = Field(512, ge=8, le=131_072)
-    max_new_tokens: int = Field(128, ge=1, le=32_768)
-    temperature: float = Field(0.7, gt=0, le=5)
-    top_p: float = Field(1.0, gt=0, le=1)
-    separator: str = Field("\n\n", max_length=50)
-    clip_eps: float = Field(0.2, gt=0, le=10)
-    kl_coef: float = Field(0.05, ge=0, le=100)
-    adaptive_kl: bool = False
-    kl_target: float = Field(6.0, gt=0, le=1000)
-    kl_horizon: float = Field(10_000, gt=0)
-    missing_eos_penalty: float | None = Field(None, ge=0, le=1000)
     whiten_advantages: bool = False
-    total_steps: int = Field(100, ge=1, le=1_000_000)
-    checkpoint_every: int = Field(10, ge=0, description="Checkpoint every N steps (resume).")
-    seed: int = 42
-    bf16: bool | None = None
-    gradient_checkpointing: bool = False
-    max_grad_norm: float = Field(1.0, gt=0, le=1000)
 
     @model_validator(mode="after")
     def _batches(self) -> RLOOTraining:
@@ -481,29 +462,16 @@ class RLOOTraining(BaseModel):
         return self
 
 
-class RLOOJobSpec(BaseModel):
+class RLOOJobSpec(OnPolicyJobSpec):
     """An `rloo` job: optimise a policy version against a reward model version on the
     campaigns' prompts with RLOO (k samples per prompt, a leave-one-out baseline, no value
     model), under a KL penalty toward the starting policy."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    policy_id: int = Field(ge=1, description="The policy model version to start from.")
-    reward_model_id: int = Field(ge=1, description="The reward model version to optimise.")
-    campaigns: list[str] = Field(min_length=1, description="Campaigns whose prompts are used.")
-    max_prompts: int | None = Field(None, ge=1, le=10_000_000)
-    kl_budget: float | None = Field(
-        None, gt=0, description="Warn on the job's page when the KL passes this (nats)."
-    )
-    name: str | None = Field(None, max_length=200)
     training: RLOOTraining = Field(default_factory=RLOOTraining)
 
 
 def parse_rloo_spec(raw: dict[str, Any]) -> RLOOJobSpec:
-    try:
-        return RLOOJobSpec.model_validate(raw)
-    except ValidationError as error:
-        raise SpecError(_message(error)) from error
+    return _parse(RLOOJobSpec, raw)
 
 
 SFT = "sft"
@@ -570,10 +538,7 @@ class SFTJobSpec(SFTFilters):
 
 
 def parse_sft_spec(raw: dict[str, Any]) -> SFTJobSpec:
-    try:
-        return SFTJobSpec.model_validate(raw)
-    except ValidationError as error:
-        raise SpecError(_message(error)) from error
+    return _parse(SFTJobSpec, raw)
 
 
 DPO = "dpo"
@@ -638,7 +603,4 @@ class DPOJobSpec(DPOFilters):
 
 
 def parse_dpo_spec(raw: dict[str, Any]) -> DPOJobSpec:
-    try:
-        return DPOJobSpec.model_validate(raw)
-    except ValidationError as error:
-        raise SpecError(_message(error)) from error
+    return _parse(DPOJobSpec, raw)

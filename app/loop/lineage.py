@@ -100,7 +100,7 @@ def sample_stats(db: Session, model_ids: list[int]) -> dict[int, SampleStats]:
         if not out[model_id].samples:
             continue
         rows = db.execute(
-            select(Completion.text, Completion.generation_params)
+            select(func.length(Completion.text), Completion.generation_params)
             .where(Completion.model_version_id == model_id)
             .order_by(Completion.id.desc())
             .limit(SAMPLES_PER_VERSION)
@@ -108,9 +108,9 @@ def sample_stats(db: Session, model_ids: list[int]) -> dict[int, SampleStats]:
         rewards, ratios, tokens, characters = [], [], [], []
         reward_models: set[int] = set()
         stats = out[model_id]
-        for text, params in rows:
+        for length, params in rows:
             params = params or {}
-            characters.append(len(text))
+            characters.append(float(length))
             if params.get("reward") is not None:
                 rewards.append(float(params["reward"]))
                 if params.get("reward_model_id"):
