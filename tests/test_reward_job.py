@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from app.auth import service as auth_service
 from app.auth.models import Role
 from app.campaigns.models import CampaignMode
 from app.jobs import training
-from app.jobs.models import Job, JobState, ModelVersion
+from app.jobs.models import Job, JobState, ModelKind, ModelVersion
 from app.jobs.specs import RewardJobSpec, RewardTraining, SpecError, parse_reward_spec
 from app.labeling import importer
 from app.labeling import service as labeling
@@ -74,6 +75,32 @@ def test_bad_specs_name_the_field():
         parse_reward_spec({"backbone": "/m", "campaigns": []})
     with pytest.raises(SpecError, match="unknown"):
         parse_reward_spec({"backbone": "/m", "campaigns": ["x"], "unknown": 1})
+    with pytest.raises(SpecError, match="backbone: give a backbone, or init_model_id"):
+        parse_reward_spec({"campaigns": ["x"]})
+    assert parse_reward_spec({"campaigns": ["x"], "init_model_id": 3}).backbone is None
+
+
+def test_a_warm_start_records_the_backbone_its_model_came_from(db):
+    make_campaign(db, slug="rm-warm", k=2, overlap=1)
+    first = ModelVersion(
+        name="first",
+        kind=ModelKind.reward,
+        path="models/first",
+        metrics={"training": {"backbone": "/backbones/minilm"}},
+    )
+    unrecorded = ModelVersion(name="imported", kind=ModelKind.reward, path="/models/imported")
+    db.add_all([first, unrecorded])
+    db.flush()
+    for start, other, expected in (
+        (first, None, "/backbones/minilm"),
+        (first, "/somewhere/else", "/backbones/minilm"),  # the weights are the model's
+        (unrecorded, None, "/models/imported"),
+    ):
+        spec = parse_reward_spec(
+            {"campaigns": ["rm-warm"], "init_model_id": start.id, "backbone": other}
+        )
+        job = training.queue_reward_training(db, spec, actor_id=None)
+        assert job.config["backbone"] == expected
 
 
 def test_ranks_of_places_ties_together():
@@ -294,3 +321,35 @@ def test_labels_become_a_job_and_a_reward_model_version(live, tmp_path):
         version = db.get_one(ModelVersion, model["id"])
         assert version.job_id == job_id and version.campaign_id is not None
         assert training.get_model(db, version.name).id == version.id
+
+
+def test_the_form_warm_starts_and_spreads_over_gpus(client, as_role, db, tmp_path):
+    make_campaign(db, slug="reward-form", k=2, overlap=1)
+    earlier = ModelVersion(name="earlier rm", kind=ModelKind.reward, path="models/rm")
+    policy = ModelVersion(name="a policy", kind=ModelKind.policy, path="models/p")
+    db.add_all([earlier, policy])
+    db.commit()
+    csrf = as_role("researcher")
+    form = client.get("/jobs/new?campaign=reward-form")
+    assert f'<option value="{earlier.id}">#{earlier.id} earlier rm</option>' in form.text
+    assert "a policy" not in form.text  # only reward models to warm-start from
+    fields = {
+        "campaigns": "reward-form",
+        "backbone": tiny_backbone(tmp_path / "backbone"),
+        "csrf_token": csrf,
+    }
+    wrong = client.post("/jobs", data={**fields, "init_model_id": str(policy.id)})
+    assert wrong.status_code == 422 and "init_model_id" in wrong.text
+    assert db.scalar(select(Job.id)) is None
+    done = client.post(
+        "/jobs",
+        data={**fields, "init_model_id": str(earlier.id), "processes": "2"},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303, done.text
+    job = db.get_one(Job, int(done.headers["location"].rsplit("/", 1)[1]))
+    assert (job.config["init_model_id"], job.config["processes"], job.processes) == (
+        earlier.id,
+        2,
+        2,
+    )

@@ -255,6 +255,18 @@ def test_the_form_queues_an_sft_job(client, as_role, db, settings, tmp_path):
         data={"model_id": str(base.id), "campaigns": "sft-form", "epochs": "0", "csrf_token": csrf},
     )
     assert bad.status_code == 422 and 'data-testid="job-errors"' in bad.text
+    assert 'name="processes"' in form.text and '<option value="fsdp"' in form.text
+    unsharded = client.post(
+        "/jobs/new/sft",
+        data={
+            "model_id": str(base.id),
+            "campaigns": "sft-form",
+            "sharding": "fsdp",
+            "csrf_token": csrf,
+        },
+    )
+    assert unsharded.status_code == 422 and "needs processes &gt;= 2" in unsharded.text
+    assert '<option value="fsdp" selected' in unsharded.text  # what was sent is kept
     done = client.post(
         "/jobs/new/sft",
         data={
@@ -262,6 +274,8 @@ def test_the_form_queues_an_sft_job(client, as_role, db, settings, tmp_path):
             "campaigns": "sft-form",
             "learning_rate": "1e-4",
             "packing": "true",
+            "processes": "2",
+            "sharding": "fsdp",
             "csrf_token": csrf,
         },
         follow_redirects=False,
@@ -272,6 +286,7 @@ def test_the_form_queues_an_sft_job(client, as_role, db, settings, tmp_path):
     assert job.config["model_id"] == base.id and job.config["campaigns"] == ["sft-form"]
     assert job.config["training"]["packing"] is True
     assert job.config["training"]["learning_rate"] == 1e-4
+    assert (job.config["processes"], job.config["sharding"], job.processes) == (2, "fsdp", 2)
 
 
 def test_the_command_queues_an_sft_job(fresh_database_url, tmp_path):

@@ -156,3 +156,26 @@ def test_train_then_evaluate_a_reward_model_from_the_command_line(
         "reward", "eval", "--model", "nope", "--data", str(trl), env=env, cwd=tmp_path
     )
     assert missing.returncode == 1 and "no reward model version 'nope'" in missing.stderr
+
+    # Continue from the trained version: queued as its child, by name; a wrong name queues nothing.
+    lost = run_cli(
+        "train", "reward", "--campaign", "cli-reward", "--warm-start", "nope", env=env, cwd=tmp_path
+    )
+    assert lost.returncode == 1 and "--warm-start: no model version 'nope'" in lost.stderr
+    warm = run_cli(
+        "train",
+        "reward",
+        "--campaign",
+        "cli-reward",
+        "--warm-start",
+        "cli-rm",
+        env=env,
+        cwd=tmp_path,
+    )
+    assert warm.returncode == 0, warm.stderr
+    warm_id = re.match(r"queued job (\d+)", warm.stdout).group(1)
+    shown = run_cli("job", "show", warm_id, env=env, cwd=tmp_path)
+    config = json.loads(re.search(r"^  config +(\{.*\})$", shown.stdout, re.M).group(1))
+    listed = run_cli("model", "list", "--kind", "reward", env=env, cwd=tmp_path).stdout
+    trained_id = int(re.search(r"^ +(\d+) .* cli-rm ", listed, re.M).group(1))
+    assert config["init_model_id"] == trained_id

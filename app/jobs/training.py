@@ -130,7 +130,11 @@ def queue_reward_training(
     db: Session, spec: RewardJobSpec, *, actor_id: int | None, priority: int = 0
 ) -> Job:
     """Queue a `train_reward` job; an unknown campaign, or a warm start from something that
-    is not a reward model version, is SpecError and queues nothing."""
+    is not a reward model version, is SpecError and queues nothing. A warm start records
+    the backbone its model was trained from (the weights come from the model)."""
+    if spec.init_model_id is not None:
+        start = _model_version(db, "init_model_id", spec.init_model_id, "reward")
+        spec = spec.model_copy(update={"backbone": backbone_of(start)})
     return _queue_training(
         db,
         TRAIN_REWARD,
@@ -140,6 +144,12 @@ def queue_reward_training(
         models={"init_model_id": "reward"},
         audited={"backbone": spec.backbone},
     )
+
+
+def backbone_of(model: ModelVersion) -> str:
+    """The backbone a reward model version was trained from (its own folder if unrecorded)."""
+    recorded = ((model.metrics or {}).get("training") or {}).get("backbone")
+    return recorded or model.path
 
 
 def queue_scoring(db: Session, spec: ScoreJobSpec, *, actor_id: int | None) -> Job:

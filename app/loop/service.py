@@ -77,21 +77,12 @@ def parse_config(raw: dict[str, Any]) -> LoopConfig:
 # --- the step specs ------------------------------------------------------------------------
 
 
-def _backbone(db: Session, loop: PolicyLoop) -> str:
-    """The backbone the reward job records: the loop's, else the warm start's own."""
-    if loop.reward_backbone:
-        return loop.reward_backbone
-    model = db.get(ModelVersion, loop.reward_model_id) if loop.reward_model_id else None
-    recorded = ((model.metrics or {}).get("training") or {}).get("backbone") if model else None
-    return recorded or (model.path if model else "")
-
-
 def reward_spec(
     db: Session, loop: PolicyLoop, campaign: Campaign, number: int
 ) -> specs.RewardJobSpec:
     return specs.parse_reward_spec(
         {
-            "backbone": _backbone(db, loop),
+            "backbone": loop.reward_backbone,  # a warm start records its own instead
             "campaigns": [campaign.slug],
             "name": f"{campaign.slug} loop {number} reward",
             **loop.config.get("reward", {}),
