@@ -388,3 +388,35 @@ def test_a_step_that_cannot_be_queued_pauses_its_loop_only(db):
     assert steps[broken.id].action == "paused" and "epochs" in broken.paused_reason
     assert loops.open_iteration(db, broken) is None  # nothing half-written
     assert steps[fine.id].action == "started" and fine.state == LoopState.active
+
+
+def test_sample_stats_count_every_sample_and_average_the_newest(db, monkeypatch):
+    from app.loop import lineage
+
+    monkeypatch.setattr(lineage, "SAMPLES_PER_VERSION", 3)
+    campaign = make_campaign(db, slug="stats", k=5, overlap=1)
+    base, rm = _versions(db)
+    child = ModelVersion(name="child", kind=ModelKind.policy, path="models/c", parent_id=base.id)
+    quiet = ModelVersion(name="quiet", kind=ModelKind.policy, path="models/q")
+    db.add_all([child, quiet])
+    db.flush()
+    task = make_task(db, campaign, completions=["a", "bb", "ccc", "dddd", "eeeee"])
+    completions = sorted((item.completion for item in task.items), key=lambda c: c.id)
+    for n, completion in enumerate(completions):  # base wrote the first 4, child the last
+        mine = child if n == 4 else base
+        completion.model_version_id = mine.id
+        measured = {"reward": float(n), "reward_model_id": rm.id, "tokens": n + 1}
+        completion.generation_params = {**measured, "log_ratio": 0.5 * n, "reference_id": base.id}
+    db.flush()
+    stats = lineage.sample_stats(db, [base.id, child.id, quiet.id])
+    # base: 4 samples, means over its newest 3 (n = 1, 2, 3: texts of 2, 3, 4 characters)
+    assert stats[base.id].samples == 4
+    assert stats[base.id].reward == pytest.approx(2.0) and stats[base.id].kl == pytest.approx(1.0)
+    assert (stats[base.id].tokens, stats[base.id].characters) == (3.0, 3.0)
+    assert stats[base.id].reward_models == [rm.id] and stats[base.id].reference_id == base.id
+    assert (stats[child.id].samples, stats[child.id].reward, stats[child.id].tokens) == (
+        1,
+        4.0,
+        5.0,
+    )
+    assert stats[quiet.id].samples == 0 and stats[quiet.id].reward is None

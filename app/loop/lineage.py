@@ -85,44 +85,51 @@ def _mean(values: list[float]) -> float | None:
 
 def sample_stats(db: Session, model_ids: list[int]) -> dict[int, SampleStats]:
     """Per version: how many completions it wrote, and the means over the newest
-    SAMPLES_PER_VERSION of what was measured on them."""
+    SAMPLES_PER_VERSION of what was measured on them (one query for every version)."""
     out = {model_id: SampleStats() for model_id in model_ids}
     if not model_ids:
         return out
-    counts = db.execute(
-        select(Completion.model_version_id, func.count(Completion.id))
-        .where(Completion.model_version_id.in_(model_ids))
-        .group_by(Completion.model_version_id)
-    )
-    for model_id, count in counts:
-        out[model_id].samples = int(count)
-    for model_id in model_ids:
-        if not out[model_id].samples:
-            continue
-        rows = db.execute(
-            select(func.length(Completion.text), Completion.generation_params)
-            .where(Completion.model_version_id == model_id)
-            .order_by(Completion.id.desc())
-            .limit(SAMPLES_PER_VERSION)
+    by_version = {"partition_by": Completion.model_version_id}
+    ranked = (
+        select(
+            Completion.model_version_id.label("model_id"),
+            func.length(Completion.text).label("length"),
+            Completion.generation_params.label("params"),
+            func.count().over(**by_version).label("samples"),
+            func.row_number().over(**by_version, order_by=Completion.id.desc()).label("newest"),
         )
-        rewards, ratios, tokens, characters = [], [], [], []
-        reward_models: set[int] = set()
+        .where(Completion.model_version_id.in_(model_ids))
+        .subquery()
+    )
+    rows = db.execute(
+        select(ranked.c.model_id, ranked.c.samples, ranked.c.length, ranked.c.params).where(
+            ranked.c.newest <= SAMPLES_PER_VERSION
+        )
+    )
+    measured: dict[int, dict[str, list[float]]] = {}
+    reward_models: dict[int, set[int]] = {}
+    for model_id, samples, length, params in rows:
+        params = params or {}
         stats = out[model_id]
-        for length, params in rows:
-            params = params or {}
-            characters.append(float(length))
-            if params.get("reward") is not None:
-                rewards.append(float(params["reward"]))
-                if params.get("reward_model_id"):
-                    reward_models.add(int(params["reward_model_id"]))
-            if params.get("log_ratio") is not None:
-                ratios.append(float(params["log_ratio"]))
-                stats.reference_id = params.get("reference_id") or stats.reference_id
-            if params.get("tokens") is not None:
-                tokens.append(float(params["tokens"]))
-        stats.reward, stats.kl = _mean(rewards), _mean(ratios)
-        stats.tokens, stats.characters = _mean(tokens), _mean(characters)
-        stats.reward_models = sorted(reward_models)
+        stats.samples = int(samples)
+        values = measured.setdefault(
+            model_id, {"reward": [], "kl": [], "tokens": [], "characters": []}
+        )
+        values["characters"].append(float(length))
+        if params.get("reward") is not None:
+            values["reward"].append(float(params["reward"]))
+            if params.get("reward_model_id"):
+                reward_models.setdefault(model_id, set()).add(int(params["reward_model_id"]))
+        if params.get("log_ratio") is not None:
+            values["kl"].append(float(params["log_ratio"]))
+            stats.reference_id = params.get("reference_id") or stats.reference_id
+        if params.get("tokens") is not None:
+            values["tokens"].append(float(params["tokens"]))
+    for model_id, values in measured.items():
+        stats = out[model_id]
+        stats.reward, stats.kl = _mean(values["reward"]), _mean(values["kl"])
+        stats.tokens, stats.characters = _mean(values["tokens"]), _mean(values["characters"])
+        stats.reward_models = sorted(reward_models.get(model_id, ()))
     return out
 
 
