@@ -263,6 +263,34 @@ def test_the_implicit_rewards_separate_the_pairs(trained, policy, tokenizer):
     assert not (out / CHECKPOINT_DIR).exists()
 
 
+def test_dropout_is_off_so_the_unmoved_policy_is_its_reference(tokenizer, tmp_path):
+    """The reference log-probs come from eval mode: a policy that trained with its config's
+    dropout would score noisy log-probs against them, so even at learning rate 0 the loss
+    would not be log 2 nor the margin 0 (TRL's DPOConfig.disable_dropout, on by default)."""
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny_models import llama_config
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config(tokenizer, attention_dropout=0.3)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    metrics: list[tuple[int, str, float]] = []
+    train(
+        config(str(tmp_path), learning_rate=0.0, epochs=1),
+        pairs(16),
+        [],
+        tmp_path / "out",
+        on_metric=lambda s, n, v: metrics.append((s, n, v)),
+    )
+    losses = [v for _, n, v in metrics if n == "train/loss"]
+    margins = [v for _, n, v in metrics if n == "rewards/margin"]
+    assert len(losses) == len(margins) == 2  # every step sees the starting weights
+    assert losses == pytest.approx([math.log(2)] * 2, abs=1e-6)
+    assert margins == pytest.approx([0.0] * 2, abs=1e-6)
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["attention_dropout"] == 0.3  # the saved policy keeps its own config
+
+
 def test_the_saved_policy_loads_with_plain_transformers(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

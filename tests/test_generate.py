@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from app.main import create_app
 from tests.factories import make_campaign, make_labeler, make_task
 from tests.test_openai_client import vllm  # noqa: F401  (the fixture)
 from tests.tiny_models import causal_lm, tokenizer_for
-from trainer.generate import HFSampler, sample_distinct, text_hash
+from trainer.generate import HFSampler, as_text, sample_distinct, text_hash
 from trainer.worker import run_worker
 
 FAST = {"lease_seconds": 30.0, "heartbeat_seconds": 0.3, "poll_interval": 0.05}
@@ -109,6 +110,28 @@ def test_a_row_stops_at_eos_and_the_rest_is_cut(sampler):
     assert reason == "stop"
     assert text == sampler.tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
     assert other_reason in ("stop", "length") and isinstance(other, str)
+
+
+def test_sampling_is_exactly_softmax_over_temperature(tmp_path):
+    """Nothing narrows the distribution: neither transformers' default top_k=50 nor the
+    model's own generation_config.json (here top_k=3 and a repetition penalty)."""
+    import torch
+    from transformers import GenerationConfig
+
+    folder = tiny_policy(tmp_path / "m", template=False)
+    GenerationConfig(top_k=3, repetition_penalty=1.5, do_sample=True).save_pretrained(folder)
+    sampler = HFSampler(folder, "cpu")
+    prompt, temperature, n = "why is the sky", 1.5, 3000
+    draws = sampler.sample([prompt], n=n, temperature=temperature, max_new_tokens=1, seed=0)[0]
+    with torch.no_grad():
+        logits = sampler.model(torch.tensor([sampler.encode(prompt)])).logits[0, -1]
+    expected: dict[str, float] = {}  # by text: EOS and other special tokens decode to ""
+    for token_id, p in enumerate((logits / temperature).softmax(-1).tolist()):
+        text = sampler.tokenizer.decode([token_id], skip_special_tokens=True).strip()
+        expected[text] = expected.get(text, 0.0) + p
+    seen = {text: count / n for text, count in Counter(text for text, _ in draws).items()}
+    distance = 0.5 * sum(abs(seen.get(t, 0.0) - expected.get(t, 0.0)) for t in {*seen, *expected})
+    assert len(seen) > 10 and distance < 0.1  # sampling noise: ~0.05; with top_k=3: ~0.8
 
 
 def test_the_chat_template_or_bos_frames_the_prompt(sampler, tmp_path):
@@ -404,3 +427,61 @@ def test_a_missing_api_key_variable_fails_the_job_clearly(live, monkeypatch):
     with database.session() as db:
         failed = db.get_one(Job, job_id)
         assert failed.state is JobState.dead and "GEN_MISSING_KEY is not set" in failed.error
+
+
+def test_one_prompt_format_for_sft_the_generate_job_ppo_and_rloo(tmp_path):
+    """What SFT trains on is what the generate job and PPO/RLOO sample from: the chat
+    template's generation prompt, else BOS + the plain text, for text and chat prompts."""
+    from tokenizers.processors import TemplateProcessing
+
+    from trainer import rollout
+    from trainer.sft import SFTFormatter
+
+    chat = tokenizer_for([WORDS, *PROMPTS])
+    plain = tokenizer_for([WORDS, *PROMPTS])
+    plain.chat_template = None
+    bos = plain.bos_token_id
+    plain._tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", bos)]
+    )
+    folder = tmp_path / "plain"
+    causal_lm(plain).save_pretrained(folder)
+    plain.save_pretrained(folder)
+    sampler = HFSampler(folder, "cpu", max_prompt_tokens=4)
+    conversation = [{"role": "user", "content": "hello there"}]
+    for tokenizer in (chat, plain):
+        for prompt in ("why is the sky blue", conversation):
+            sft = SFTFormatter(tokenizer, 64).encode(prompt, "because light")
+            policy_side = rollout.encode_prompt(tokenizer, prompt, 64)
+            assert sft.input_ids[: sft.prompt_length] == policy_side
+    assert plain.decode(rollout.encode_prompt(plain, "why is the sky blue", 64)) == (
+        "<bos> why is the sky blue"
+    )  # no separator, no trailing space
+    written_out = plain(as_text(conversation), add_special_tokens=False)["input_ids"]
+    assert rollout.encode_prompt(plain, conversation, 64) == [bos, *written_out]
+    # A long prompt keeps BOS and its end.
+    assert plain.decode(sampler.encode("why is the sky blue")) == "<bos> the sky blue"
+
+
+def test_every_stop_token_ends_a_response(tmp_path):
+    """The policy's generation config may name stop tokens beyond its tokenizer's EOS (a
+    chat model's end of turn): the generate job and PPO/RLOO stop at every one."""
+    import torch
+    from transformers import GenerationConfig
+
+    from trainer import rollout
+
+    folder = tiny_policy(tmp_path / "m")
+    tokenizer = tokenizer_for([WORDS, *PROMPTS])
+    turn_end = tokenizer.convert_tokens_to_ids("<assistant>")
+    GenerationConfig(eos_token_id=[tokenizer.eos_token_id, turn_end]).save_pretrained(folder)
+    stops = sorted([tokenizer.eos_token_id, turn_end])
+    assert HFSampler(folder, "cpu").eos_ids == stops
+    config = rollout.OnPolicyConfig(policy=str(folder), reward_model="unused")
+    assert rollout.sampling_config(config, tokenizer).eos_token_id == stops
+    a, b, c, d = tokenizer.convert_tokens_to_ids(["why", "is", "the", "sky"])
+    eos = tokenizer.eos_token_id
+    response = torch.tensor([[a, turn_end, c, d], [a, b, eos, d], [a, b, c, d]])
+    mask, contains_eos = rollout.response_mask(response, stops)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert contains_eos.tolist() == [True, True, False]

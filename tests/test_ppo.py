@@ -21,6 +21,7 @@ from tests.tiny_models import reward_model, tokenizer_for  # noqa: E402
 from tests.tiny_rl import (  # noqa: E402
     LINEAR_ADAMW,
     PROMPTS,
+    characters,
     one_torch_thread,
     resume_refusal,
     save_tiny_policy,
@@ -33,7 +34,13 @@ from tests.tiny_rl import (  # noqa: E402
     vocabulary,
     weights,
 )
-from trainer.ppo import CHECKPOINT_DIR, META_FILE, PPOConfig, train  # noqa: E402
+from trainer.ppo import (  # noqa: E402
+    CHECKPOINT_DIR,
+    META_FILE,
+    PPOConfig,
+    fold_normalization,
+    train,
+)
 from trainer.reward import META_FILE as REWARD_META  # noqa: E402
 from trainer.reward import RewardScorer  # noqa: E402
 from trainer.rollout import (  # noqa: E402
@@ -57,16 +64,19 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_policy(tmp_path_factory.mktemp("policy"))
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def save_reward_model(path: Path, mean: float, std: float) -> Path:
     """A reward model on the policy's tokenizer, with normalization stats as training writes."""
-    path = tmp_path_factory.mktemp("reward")
     tokenizer = tokenizer_for(vocabulary())
     reward_model(tokenizer, seed=3).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    meta = {"config": {"max_length": 64}, "normalization": {"mean": 0.5, "std": 2.0}}
+    meta = {"config": {"max_length": 64}, "normalization": {"mean": mean, "std": std}}
     (path / REWARD_META).write_text(json.dumps(meta))
     return path
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_reward_model(tmp_path_factory.mktemp("reward"), mean=0.5, std=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +192,7 @@ def test_recomputed_logprobs_match_sampling_with_left_padding(policy_dir: Path) 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
     prompts = ["weather", "tell me about the weather topic1 please rain rain", "fog"]
-    query, mask = left_pad([encode_prompt(tokenizer, p, 64, "\n\n") for p in prompts], 1)
+    query, mask = left_pad([encode_prompt(tokenizer, p, 64) for p in prompts], 1)
     P = query.shape[1]
     torch.manual_seed(0)
     out = model.generate(
@@ -231,14 +241,12 @@ def test_encode_prompt_uses_the_chat_template_and_keeps_the_end(policy_dir: Path
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    ids = encode_prompt(tokenizer, "tell me about the weather", 64, "\n\n")
+    ids = encode_prompt(tokenizer, "tell me about the weather", 64)
     assert tokenizer.decode(ids) == "<user> tell me about the weather <eos> <assistant>"
-    short = encode_prompt(tokenizer, "tell me about the weather", 3, "\n\n")
+    short = encode_prompt(tokenizer, "tell me about the weather", 3)
     assert short == ids[-3:]
     chat = [{"role": "user", "content": "rain"}, {"role": "assistant", "content": "fog"}]
-    assert tokenizer.decode(encode_prompt(tokenizer, chat, 64, "")).endswith(
-        "fog <eos> <assistant>"
-    )
+    assert tokenizer.decode(encode_prompt(tokenizer, chat, 64)).endswith("fog <eos> <assistant>")
 
 
 def test_reward_model_function_retokenizes_and_normalizes(other_reward_dir: Path) -> None:
@@ -251,6 +259,7 @@ def test_reward_model_function_retokenizes_and_normalizes(other_reward_dir: Path
     torch.testing.assert_close(fn(prompts, responses), expected, atol=1e-5, rtol=0)
     plain = reward_model_function(other_reward_dir, "cpu", normalize=False)
     torch.testing.assert_close(plain(prompts, responses), torch.tensor(raw), atol=1e-5, rtol=0)
+    assert fn([], []).shape == (0,)  # a batch with nothing to score
 
 
 def test_reward_model_and_value_from_reward(
@@ -279,6 +288,72 @@ def test_reward_model_and_value_from_reward(
     bad = config(policy_dir, reward_model=str(other_reward_dir), value_init="reward")
     with pytest.raises(ValueError, match="tokenizer"):
         train(bad, PROMPTS, tmp_path / "bad", device="cpu")
+
+
+def test_fold_normalization_rescales_a_head_with_or_without_bias() -> None:
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])  # (N, H)
+    for bias in (False, True):
+        head = torch.nn.Linear(3, 1, bias=bias)
+        with torch.no_grad():
+            head.weight.copy_(torch.tensor([[0.5, -1.0, 2.0]]))
+            if bias:
+                head.bias.fill_(0.25)
+        before = head(x).detach()
+        rng = torch.get_rng_state()
+        folded = fold_normalization(head, mean=1.5, std=4.0)
+        assert torch.equal(torch.get_rng_state(), rng)  # later seeded draws stay as they were
+        torch.testing.assert_close(folded(x), (before - 1.5) / 4.0)
+        torch.testing.assert_close(head(x), before)  # the original is left alone
+        assert isinstance(folded, torch.nn.Linear) and folded.bias is not None
+
+
+def test_the_value_model_starts_on_the_normalized_reward_scale(
+    policy_dir: Path, tmp_path: Path
+) -> None:
+    """GAE sees rewards (raw - mean) / std; the value model from the reward model must start
+    on that scale too. The same reward model with a stored mean of 0 or 5: the same raw
+    rewards, normalized ones 5 apart, and (learning rate 0) the same value loss."""
+    cfg = {"value_init": "reward", "total_steps": 1, "rollout_batch_size": 8}
+    cfg |= {"minibatch_size": 8, "ppo_epochs": 1, "learning_rate": 0.0}
+    seen = {}
+    for mean in (0.0, 5.0):
+        rm = save_reward_model(tmp_path / f"rm-{mean}", mean=mean, std=1.0)
+        result = train(
+            config(policy_dir, reward_model=str(rm), **cfg), PROMPTS, tmp_path / f"out-{mean}"
+        )
+        seen[mean] = {name: value for _, name, value in result.history}
+    low, high = seen[0.0], seen[5.0]
+    assert high["reward/raw"] == pytest.approx(low["reward/raw"], abs=1e-5)
+    assert high["reward/normalized"] == pytest.approx(low["reward/normalized"] - 5, abs=1e-5)
+    assert high["value/loss"] == pytest.approx(low["value/loss"], rel=1e-3, abs=1e-6)
+    assert high["value/explained_variance"] == pytest.approx(
+        low["value/explained_variance"], rel=1e-3, abs=1e-6
+    )
+
+
+def test_resume_with_a_value_model_from_the_reward_model(
+    policy_dir: Path, reward_dir: Path, tmp_path: Path
+) -> None:
+    """The checkpoint holds the value model with its normalization folded in: resuming loads
+    it as it was (folding it again would shift the values of every later step)."""
+    cfg = config(
+        policy_dir,
+        reward_model=str(reward_dir),
+        value_init="reward",
+        total_steps=2,
+        rollout_batch_size=8,
+        minibatch_size=8,
+        ppo_epochs=1,
+    )
+    whole = train(cfg, PROMPTS, tmp_path / "whole", device="cpu")
+    split = tmp_path / "split"
+    first = train(cfg, PROMPTS, split, device="cpu", should_stop=stop_at_ask(2))
+    assert first.stopped and first.steps == 1
+    second = train(cfg, PROMPTS, split, device="cpu")
+    assert second.steps == 2
+    for name in ("reward/raw", "value/loss", "value/explained_variance"):
+        assert series(second.history, name) == pytest.approx(series(whole.history, name))
+    torch.testing.assert_close(weights(split), weights(tmp_path / "whole"), atol=1e-6, rtol=0)
 
 
 def test_lora_policy_uses_the_adapter_free_model_as_reference(
@@ -339,3 +414,28 @@ def test_on_a_gpu_bf16_ppo_raises_the_reward(policy_dir: Path, tmp_path: Path) -
     assert kl[0] == pytest.approx(0.0, abs=1e-3) and result.steps == cfg.total_steps
     meta = json.loads((tmp_path / "gpu" / META_FILE).read_text())
     assert meta["config"]["bf16"] is None  # auto: on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_bf16_the_ratio_is_one_while_the_weights_stay(
+    policy_dir: Path, tmp_path: Path
+) -> None:
+    """Learning rate 0: the training passes see the weights that scored the rollout, so the
+    ratio must be 1. Under bf16 the scoring pass (chunks of forward_batch_size) and the
+    training pass (micro-batches of another size, with grad) may run other kernels; a
+    difference would show as a ratio off 1 before the policy has moved."""
+    cfg = config(
+        policy_dir,
+        bf16=True,
+        learning_rate=0.0,
+        total_steps=1,
+        rollout_batch_size=32,
+        forward_batch_size=16,
+        minibatch_size=16,
+        micro_batch_size=4,
+    )
+    result = train(cfg, PROMPTS, tmp_path / "gpu", reward_fn=characters, device="cuda")
+    metrics = result.metrics
+    assert result.steps == 1 and metrics["kl/k1"] == pytest.approx(0.0, abs=1e-3)
+    assert metrics["policy/clip_frac"] == 0.0 and metrics["value/clip_frac"] == 0.0
+    assert abs(metrics["policy/approx_kl"]) < 1e-3, metrics["policy/approx_kl"]

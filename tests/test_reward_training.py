@@ -238,3 +238,22 @@ def test_a_causal_lm_without_a_classifier_class_gets_a_linear_head(tmp_path, mon
     assert result.metrics["eval_accuracy"] > 0.75
     rewards = score(tmp_path / "rm", "weather topic2", ["fog hail", "sunny fog hail"])
     assert rewards[1] > rewards[0]
+
+
+def test_disable_dropout_reaches_the_attentions_own_probability():
+    """Llama's attention dropout is a float on the attention module, not an nn.Dropout:
+    with it left on, a reward model in train mode scores the same batch twice differently."""
+    from transformers import LlamaForSequenceClassification
+
+    from tests.tiny_models import llama_config
+    from trainer.modeling import disable_dropout
+
+    tokenizer = tokenizer_for(["a b c d e f"])
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(
+        llama_config(tokenizer, num_labels=1, attention_dropout=0.5)
+    ).train()
+    ids = torch.tensor([[4, 5, 6, 7, 8, 9]])
+    assert not torch.equal(model(ids).logits, model(ids).logits)
+    disable_dropout(model)
+    assert torch.equal(model(ids).logits, model(ids).logits)

@@ -137,7 +137,7 @@ def sunny_samples(folder: Path, n: int = 16) -> int:
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[0], 64, "\n\n")])
+    ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[0], 64)])
     torch.manual_seed(1)
     sampled = model.generate(ids, do_sample=True, max_new_tokens=8, num_return_sequences=n)
     texts = tokenizer.batch_decode(sampled[:, ids.shape[1] :], skip_special_tokens=True)

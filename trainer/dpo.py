@@ -28,8 +28,9 @@ forward pass (one padded batch of 2B rows).
 
 The reference log-probs are computed once, before the first step, by the starting policy
 itself: before any update the policy is the reference, so no second copy is held in memory
-while training (TRL's `precompute_ref_log_probs`). They are saved beside the resumable
-checkpoint, so a stopped run resumes without recomputing them.
+while training (TRL's `precompute_ref_log_probs`); dropout is off throughout, so the policy
+matches them exactly until it moves. They are saved beside the resumable checkpoint, so a
+stopped run resumes without recomputing them.
 
 Data-parallel (`dist`, trainer/distributed.py): every rank holds the whole reference table
 (each computes every world_size-th pair by length, and the ranks' rows are summed together),
@@ -63,6 +64,7 @@ from trainer.distributed import SINGLE, Distributed, shard
 from trainer.generate import Prompt
 from trainer.losses import dpo_loss
 from trainer.rl_math import logprobs_from_logits
+from trainer.rollout import disable_dropout
 from trainer.runtime import (
     TrainingConfig,
     adamw_with_schedule,
@@ -408,6 +410,10 @@ def train(
     # FSDP: on the CPU until `wrap` moves each rank's shards to its device
     home = torch.device("cpu") if dist.sharded else device
     model, tokenizer, saved_dtype = policy_to_train(config.model_name_or_path, home, checkpointing)
+    # The reference log-probs come from eval mode (no dropout): a policy trained with dropout
+    # would be scored against them with noise, a reward margin before it has moved (TRL's
+    # DPOConfig.disable_dropout, on by default).
+    disable_dropout(model)
     pad_id = tokenizer.pad_token_id
 
     # ---- data: tokenised once; pairs that cannot teach anything are dropped

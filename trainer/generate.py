@@ -8,9 +8,11 @@ new tokens of each row line up) and decoded with the KV cache by `model.generate
 prompt, or a text prompt when the tokenizer has a chat template, goes through the template
 with the generation prompt added (the template brings its own special tokens); without a
 template, a text prompt gets the tokenizer's BOS and a chat prompt is written out as
-"User: ...\n\nAssistant:". Each row stops at EOS (the tokenizer's and the model's generation
-config's); the EOS and the padding after it are cut off. bf16 on a GPU that supports it,
-fp32 elsewhere.
+"User: ...\n\nAssistant:" (`encode_prompt`, the format SFT trains and PPO/RLOO sample in).
+Sampling is exactly softmax(logits / T) with top-p (`sampling_config`: no top-k, no
+repetition penalty, whatever the model's generation_config.json says). Each row stops at
+EOS (the tokenizer's and the model's generation config's); the EOS and the padding after it
+are cut off. bf16 on a GPU that supports it, fp32 elsewhere.
 
 `sample_distinct` asks any sampler (this one, or an OpenAI-compatible endpoint) for K
 completions per prompt and re-samples those whose content hash repeats another of the
@@ -48,6 +50,77 @@ def as_text(prompt: Prompt) -> str:
     return "\n\n".join([*turns, "Assistant:"])
 
 
+def leading_special_tokens(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (BOS, for most), which a prompt
+    keeps through truncation."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return list(full[: full.index(plain[0])]) if plain and plain[0] in full else []
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, max_tokens: int) -> list[int]:
+    """The token ids a policy continues, one format for every sampler and trainer (the
+    generate job, PPO and RLOO, and SFT's `SFTFormatter`): the chat template with the
+    generation prompt when the tokenizer has one, else the prompt as plain text (`as_text`)
+    after the tokenizer's leading special tokens. A long prompt loses its start (the turn
+    being answered is at the end), never its leading BOS."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            as_messages(prompt), tokenize=False, add_generation_prompt=True
+        )
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = tokenizer.bos_token_id
+        prefix = ids[:1] if bos is not None and ids[:1] == [bos] else []
+        body = ids[len(prefix) :]
+    else:
+        prefix = leading_special_tokens(tokenizer)
+        body = list(tokenizer(as_text(prompt), add_special_tokens=False)["input_ids"])
+    keep = max(max_tokens - len(prefix), 1)
+    return prefix + body[-keep:]
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any | None) -> list[int]:
+    """Every token id that ends a response: the tokenizer's EOS and the model's own
+    generation config's (chat models end a turn with one of their own: Qwen's <|im_end|>,
+    Llama 3's <|eot_id|>)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids |= set(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def sampling_config(
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+) -> Any:
+    """Sample from exactly softmax(logits / T) truncated to top-p (greedy at temperature 0),
+    stopping at any of `stop_ids`: every other processor is off, so neither the library's
+    defaults (top_k=50) nor a model's generation_config.json (a top_k, a repetition penalty)
+    changes the distribution behind the caller's back."""
+    from transformers import GenerationConfig
+
+    sampled = temperature > 0
+    return GenerationConfig(
+        do_sample=sampled,
+        temperature=temperature if sampled else 1.0,
+        top_p=top_p if sampled else 1.0,
+        top_k=0,
+        min_p=None,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+
+
 class HFSampler:
     """A Hugging Face causal LM on one device, sampling batches of prompts."""
 
@@ -66,21 +139,11 @@ class HFSampler:
         self.model.to(self.device).eval()
         self.max_prompt_tokens = max_prompt_tokens
         self.chat_template = bool(getattr(self.tokenizer, "chat_template", None))
-        ids = {self.tokenizer.eos_token_id}
-        configured = self.model.generation_config.eos_token_id
-        ids |= set(configured if isinstance(configured, list) else [configured])
-        self.eos_ids = sorted(i for i in ids if i is not None)
+        self.eos_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """A prompt's token ids, its start cut when it is longer than max_prompt_tokens."""
-        if self.chat_template:
-            text = self.tokenizer.apply_chat_template(
-                as_messages(prompt), tokenize=False, add_generation_prompt=True
-            )
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self.tokenizer(as_text(prompt), add_special_tokens=True)["input_ids"]
-        return list(ids[-self.max_prompt_tokens :])
+        return encode_prompt(self.tokenizer, prompt, self.max_prompt_tokens)
 
     def sample(
         self,
@@ -105,20 +168,18 @@ class HFSampler:
         mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded for _ in range(n)]
         input_ids = torch.tensor(rows, device=self.device)  # (B*n, T), left padded
         attention_mask = torch.tensor(mask, device=self.device)  # (B*n, T), 0 on the padding
-        options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True}
-        if temperature > 0:
-            options |= {"do_sample": True, "temperature": temperature, "top_p": top_p}
-        else:
-            options |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        generation = sampling_config(
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop_ids=self.eos_ids,
+            pad_id=pad,
+        )
         if seed is not None:
             torch.manual_seed(seed)
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                eos_token_id=self.eos_ids,
-                pad_token_id=pad,
-                **options,
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=generation
             )
         new = out[:, width:].tolist()  # (B*n, <= max_new_tokens): the generated tokens
         return [

@@ -392,6 +392,8 @@ class Audits:
         """Per prompt, per sample: reward, log_ratio, tokens (None without an evaluator)."""
         if self.evaluator is None:
             return None
+        if not any(groups):  # every prompt of the batch came up short: nothing to measure
+            return [[] for _ in groups]
         flat = [
             (p, text, reason) for p, g in zip(prompts, groups, strict=True) for text, reason in g
         ]

@@ -21,6 +21,17 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere, nn.Dropout modules and the attention's own probability
+    (Llama, Qwen2): PPO's old log-probs and DPO's reference come from forward passes, so
+    any noise makes the ratio != 1 before the policy has moved (Huang et al.)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def enable_checkpointing(model: nn.Module) -> None:
     """Recompute activations in backward (non-reentrant, as PyTorch recommends)."""
     if isinstance(model, ScalarHeadModel):

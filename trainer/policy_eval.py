@@ -4,7 +4,11 @@ reference policy, per sample (the generation job stores both on each completion)
 The KL of a policy from its reference is estimated from its own samples, as in PPO (the
 k1 estimator): KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)]. Both log-probs are
 taken with the logits divided by the sampling temperature, since that is the distribution
-the samples came from; with top-p < 1 the estimate ignores the truncation.
+the samples came from; with top-p < 1 the estimate ignores the truncation. A sample is
+scored as its stored text tokenized again (the generate job keeps texts, not token ids), so
+where a BPE tokenizer would split the text otherwise than the sampled tokens (a leading
+space the sampler stripped, a merge) both policies score that tokenization: the log-ratio
+of the same string, slightly off the sampled sequence's.
 """
 
 from __future__ import annotations

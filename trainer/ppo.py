@@ -90,7 +90,15 @@ from trainer.rollout import (
 )
 from trainer.runtime import seed_everything
 
-__all__ = ["CHECKPOINT_DIR", "META_FILE", "PPOConfig", "PPOResult", "response_values", "train"]
+__all__ = [
+    "CHECKPOINT_DIR",
+    "META_FILE",
+    "PPOConfig",
+    "PPOResult",
+    "fold_normalization",
+    "response_values",
+    "train",
+]
 
 META_FILE = "prefloop_ppo.json"
 
@@ -156,9 +164,31 @@ def _value_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     )
 
 
-def _load_value_model(config: PPOConfig, tokenizer: Any) -> nn.Module:
+def fold_normalization(head: nn.Linear, mean: float, std: float) -> nn.Linear:
+    """A copy of `head` that outputs (head(x) - mean) / std, with a bias even where `head`
+    has none: a reward normalization folded into the head's gain and bias."""
+    # skip_init: weights overwritten at once need no draw from the seeded RNG
+    folded = nn.utils.skip_init(
+        nn.Linear,
+        head.in_features,
+        head.out_features,
+        bias=True,
+        device=head.weight.device,
+        dtype=head.weight.dtype,
+    )
+    with torch.no_grad():
+        bias = torch.zeros_like(folded.bias) if head.bias is None else head.bias
+        folded.weight.copy_(head.weight / std)
+        folded.bias.copy_((bias - mean) / std)
+    return folded
+
+
+def _load_value_model(
+    config: PPOConfig, tokenizer: Any, reward_mean: float, reward_std: float
+) -> nn.Module:
     """Value model: the reward model (Ziegler et al. 2019: a value function that starts
-    knowing the reward), or the policy's body with a new scalar head."""
+    knowing the reward) on the scale of the rewards GAE sees, or the policy's body with a
+    new scalar head."""
     if config.value_init == "policy":
         from transformers import AutoModel
 
@@ -171,7 +201,11 @@ def _load_value_model(config: PPOConfig, tokenizer: Any) -> nn.Module:
             "value_init='reward' needs the reward model to share the policy's tokenizer "
             "(the value model reads the policy's tokens); use value_init='policy'"
         )
-    _value_parts(model)  # fail now, not after the first rollout
+    _, head = _value_parts(model)  # fail now, not after the first rollout
+    # GAE sees (raw - mean) / std: with the raw head the values would start off by the mean
+    # and the first value updates would chase it (lm-human-preferences folds it in too). A
+    # plain Linear, so the checkpoint holds the folded head and a resume does not fold again.
+    model.score = fold_normalization(head, reward_mean, reward_std)
     return model
 
 
@@ -226,7 +260,9 @@ def train(
     tokenizer = load_tokenizer(config.policy)
     # The value model before the policy: its fresh head, then the policy's LoRA adapters,
     # draw their initial weights from the seeded RNG, in that order.
-    value_model = _load_value_model(config, tokenizer)
+    value_model = _load_value_model(
+        config, tokenizer, getattr(reward_fn, "mean", 0.0), getattr(reward_fn, "std", 1.0)
+    )
     disable_dropout(value_model)
     if config.gradient_checkpointing:
         enable_checkpointing(value_model)
@@ -240,9 +276,7 @@ def train(
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(params, config)
     kl_ctl = kl_controller(config)
-    prompt_ids = [
-        encode_prompt(tokenizer, p, config.max_prompt_length, config.separator) for p in prompts
-    ]
+    prompt_ids = [encode_prompt(tokenizer, p, config.max_prompt_length) for p in prompts]
 
     # ---- resume from a checkpoint of the same run, if there is one
     checkpoint = RunCheckpoint(

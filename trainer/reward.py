@@ -49,7 +49,12 @@ from trainer.losses import (
     pair_correct,
     weighted_mean,
 )
-from trainer.modeling import compute_rewards, enable_checkpointing, load_reward_model
+from trainer.modeling import (
+    compute_rewards,
+    disable_dropout,
+    enable_checkpointing,
+    load_reward_model,
+)
 from trainer.runtime import (
     TrainingConfig,
     adamw_with_schedule,
@@ -370,9 +375,7 @@ def train(
     seed_everything(config.seed)
     model, tokenizer = load_reward_model(config.model_name_or_path)
     if config.disable_dropout:
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
+        disable_dropout(model)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     # fp32 master weights whatever the checkpoint's dtype; bf16 only inside autocast.

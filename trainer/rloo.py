@@ -185,9 +185,7 @@ def train(
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(params, config)
     kl_ctl = kl_controller(config)
-    prompt_ids = [
-        encode_prompt(tokenizer, p, config.max_prompt_length, config.separator) for p in prompts
-    ]
+    prompt_ids = [encode_prompt(tokenizer, p, config.max_prompt_length) for p in prompts]
 
     # ---- resume from a checkpoint of the same run, if there is one
     checkpoint = RunCheckpoint(

@@ -34,8 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer import generate
 from trainer.data import EncodedGroup, Prompt
-from trainer.modeling import enable_checkpointing
+from trainer.generate import encode_prompt  # the policy's prompt format, for PPO and RLOO
+from trainer.modeling import disable_dropout, enable_checkpointing
 from trainer.reward import RewardScorer
 from trainer.rl_math import (
     AdaptiveKLController,
@@ -162,13 +164,6 @@ class OnPolicyConfig:
         metadata={"help": "Sampling temperature; log-probs are always of logits / temperature."},
     )
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1.0 = off."})
-    separator: str = field(
-        default="\n\n",
-        metadata={
-            "help": "After a plain-text prompt when the tokenizer has no chat template "
-            "(as the reward model's formatter)."
-        },
-    )
     kl_coef: float = field(
         default=0.05, metadata={"help": "beta: the KL penalty coefficient (initial if adaptive)."}
     )
@@ -269,6 +264,8 @@ class RewardModelFunction:
         self.batch_size = batch_size
 
     def __call__(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
+        if not responses:  # a batch whose prompts all came up short of new samples
+            return torch.zeros(0)
         groups = [
             EncodedGroup(input_ids=self.scorer.formatter.encode(p, [r]), ranks=[0])
             for p, r in zip(prompts, responses, strict=True)
@@ -313,16 +310,6 @@ def load_tokenizer(path: str) -> Any:
     if tokenizer.eos_token_id is None:
         raise ValueError("the policy's tokenizer has no EOS token to stop at")
     return tokenizer
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere (Huang et al. detail): the old log-probs come from a forward
-    pass, so any noise there makes the ratio != 1 before the policy has moved."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
 
 
 def apply_lora(policy: nn.Module, config: OnPolicyConfig) -> nn.Module:
@@ -374,20 +361,20 @@ def load_policy(
 
 
 def sampling_config(config: OnPolicyConfig, tokenizer: Any) -> Any:
-    """Sample from exactly softmax(logits / T) with top-p, stopping at EOS."""
+    """Sample from exactly softmax(logits / T) with top-p, stopping at any of the policy's
+    stop tokens (its tokenizer's EOS and its generation config's, as the generate job)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(
-        do_sample=True,
+    try:
+        own = GenerationConfig.from_pretrained(config.policy)
+    except OSError:  # no generation_config.json
+        own = None
+    return generate.sampling_config(
         temperature=config.temperature,
         top_p=config.top_p,
-        top_k=0,
-        repetition_penalty=1.0,
         max_new_tokens=config.max_new_tokens,
-        min_new_tokens=0,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
+        stop_ids=generate.stop_token_ids(tokenizer, own),
+        pad_id=tokenizer.pad_token_id,
     )
 
 
@@ -404,31 +391,6 @@ def mixed_precision(
 # Prompts, sampling and forward passes
 
 
-def _plain_prompt(prompt: Prompt, separator: str) -> str:
-    if isinstance(prompt, str):
-        return prompt + separator
-    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in prompt]
-    return separator.join(turns) + separator + "Assistant: "
-
-
-def encode_prompt(tokenizer: Any, prompt: Prompt, max_length: int, separator: str) -> list[int]:
-    """Token ids the policy continues: the chat template with the generation prompt when the
-    tokenizer has one, else "prompt<separator>" after the tokenizer's BOS if it adds one.
-    Long prompts keep their end (the turn being answered)."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prefix: list[int] = []
-    else:
-        text = _plain_prompt(prompt, separator)
-        bos = tokenizer.bos_token_id
-        adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-        prefix = [bos] if adds_bos else []
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    keep = max(max_length - len(prefix), 1)
-    return prefix + ids[-keep:]
-
-
 def left_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, P) ids and attention mask, padded on the left so every prompt ends at column P-1."""
     width = max(len(s) for s in sequences)
@@ -440,10 +402,13 @@ def left_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def response_mask(response: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """mask (B, R): 1 up to and including the first EOS (all 1 without one), and
+def response_mask(
+    response: torch.Tensor, eos_ids: int | Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask (B, R): 1 up to and including the first stop token (all 1 without one), and
     contains_eos (B,)."""
-    is_eos = response == eos_id
+    stops = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids))
+    is_eos = torch.isin(response, stops.to(response.device))
     contains_eos = is_eos.any(dim=1)
     R = response.shape[1]
     first = torch.where(contains_eos, is_eos.int().argmax(dim=1), R - 1)  # (B,)
@@ -544,7 +509,7 @@ def generate_rollout(
     """One sampled response per row of the left-padded query (B, P), with the KV cache, in
     chunks of forward_batch_size; the caller holds no_grad and autocast."""
     B, P = query.shape
-    pad_id, eos_id = generation.pad_token_id, generation.eos_token_id
+    pad_id, eos_ids = generation.pad_token_id, generation.eos_token_id
     pieces = [
         policy.generate(
             input_ids=query[c], attention_mask=query_mask[c], generation_config=generation
@@ -555,7 +520,7 @@ def generate_rollout(
     response = torch.cat(
         [nn.functional.pad(p, (0, R - p.shape[1]), value=pad_id) for p in pieces]
     )  # (B, R)
-    mask, contains_eos = response_mask(response, eos_id)  # (B, R), (B,)
+    mask, contains_eos = response_mask(response, eos_ids)  # (B, R), (B,)
     response = response.masked_fill(mask == 0, pad_id)
     return Rollout(
         query_response=torch.cat([query, response], dim=1),

@@ -58,7 +58,7 @@ from torch import nn
 
 from trainer.data import length_grouped_batches
 from trainer.distributed import SINGLE, Distributed
-from trainer.generate import Prompt, as_messages, as_text
+from trainer.generate import Prompt, as_messages, as_text, leading_special_tokens
 from trainer.modeling import enable_checkpointing
 from trainer.runtime import (
     TrainingConfig,
@@ -208,10 +208,7 @@ class SFTFormatter:
         self.eos = tokenizer.eos_token_id
         bos = tokenizer.bos_token_id
         # The special tokens the tokenizer puts before a text (BOS): kept through truncation.
-        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-        full = tokenizer("a", add_special_tokens=True)["input_ids"]
-        start = full.index(plain[0]) if plain and plain[0] in full else 0
-        self.prefix = [] if self.chat else full[:start]
+        self.prefix = [] if self.chat else leading_special_tokens(tokenizer)
         self.bos = bos
 
     def _ids(self, text: str) -> list[int]:

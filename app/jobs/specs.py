@@ -386,7 +386,6 @@ class OnPolicyTraining(BaseModel):
     max_new_tokens: int = Field(128, ge=1, le=32_768)
     temperature: float = Field(0.7, gt=0, le=5)
     top_p: float = Field(1.0, gt=0, le=1)
-    separator: str = Field("\n\n", max_length=50)
     clip_eps: float = Field(0.2, gt=0, le=10)
     kl_coef: float = Field(0.05, ge=0, le=100)
     adaptive_kl: bool = False
