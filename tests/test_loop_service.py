@@ -6,6 +6,7 @@ statistics on hand-made judgments (Wilson's interval, ties as halves, the Goodha
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import func, select
 
 from app.auth.models import UserKind
 from app.jobs.models import Job, JobState, ModelKind, ModelVersion
@@ -420,3 +421,47 @@ def test_sample_stats_count_every_sample_and_average_the_newest(db, monkeypatch)
         5.0,
     )
     assert stats[quiet.id].samples == 0 and stats[quiet.id].reward is None
+
+
+def test_a_warm_start_counts_only_what_its_reward_model_has_not_seen(db):
+    campaign = make_campaign(db, slug="loop-seen", k=2)
+    base, rm = _versions(db)
+    _comparisons(db, campaign, 4)
+    seen = db.scalar(select(func.max(Comparison.id)))
+    rm.metrics = {**rm.metrics, "data": {"export_parameters": {"as_of": {"comparison_id": seen}}}}
+    db.flush()
+    loop = loops.configure(db, campaign, _config(base, rm), actor_id=None)
+    assert loop.comparison_mark == seen
+    assert loops.tick(db) == []  # the 4 it was trained on are not new
+    _comparisons(db, campaign, 3)
+    [started] = loops.tick(db)
+    assert started.action == "started" and loops.open_iteration(db, loop).new_comparisons == 3
+
+
+def test_an_iteration_that_wrote_no_tasks_says_why(db, client, as_role):
+    campaign = make_campaign(db, slug="loop-dry", k=2)
+    base, rm = _versions(db)
+    loop = loops.configure(db, campaign, _config(base, rm), actor_id=None)
+    _comparisons(db, campaign, 3)
+    [started] = loops.tick(db)
+    _succeed(db, started.job_id, ModelKind.reward, name="rm 2")
+    [queued] = loops.tick(db)
+    _succeed(db, queued.job_id, ModelKind.policy, name="ppo 1")
+    [queued] = loops.tick(db)
+    generate_job = db.get_one(Job, queued.job_id)
+    generate_job.result = {
+        "prompts_planned": 0,
+        "tasks_created": 0,
+        "audit_tasks": 0,
+        "none_due": {"prompts": 3, "open_task": 3, "answered": 0, "per_task": 2},
+    }
+    _succeed(db, generate_job.id)
+    [finished] = loops.tick(db)
+    iteration = loops.iterations(db, loop)[0]
+    assert finished.action == "finished" and iteration.stage == Stage.done
+    assert "wrote no tasks (3 of the campaign's 3 prompts have an open task" in iteration.error
+    db.commit()
+    as_role("admin")
+    page = client.get("/admin/campaigns/loop-dry/loop")
+    assert 'data-testid="iteration-note"' in page.text and "wrote no tasks" in page.text
+    assert '<td data-testid="iteration-tasks">0</td>' in page.text

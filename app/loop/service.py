@@ -168,6 +168,7 @@ def configure(
     """Create or change the campaign's loop (it starts active). A loop that has run keeps its
     current policy and reward model unless the config names other ones."""
     _check_versions(db, config)
+    start = db.get(ModelVersion, config.reward_model_id) if config.reward_model_id else None
     loop = get_loop(db, campaign.id)
     before = _summary(loop) if loop else None
     if loop is None:
@@ -183,6 +184,8 @@ def configure(
         loop.reference_id = config.policy_id
     if before is None or config.reward_model_id != before["reward_model_id"]:
         loop.reward_model_id = config.reward_model_id
+        # What the chosen reward model already learned from is not new: count from there.
+        loop.comparison_mark = max(loop.comparison_mark or 0, trained_through(start))
     loop.algorithm = config.algorithm
     loop.reward_backbone = (config.reward_backbone or "").strip() or None
     loop.min_new_comparisons = config.min_new_comparisons
@@ -335,6 +338,14 @@ def current_job(db: Session, iteration: LoopIteration) -> Job | None:
     return db.get(Job, job_id) if job_id else None
 
 
+def trained_through(model: ModelVersion | None) -> int:
+    """The newest comparison id a reward model version was trained on: its export's as_of
+    mark (0 where none is recorded, as for a registered or imported model)."""
+    data = ((model.metrics or {}).get("data") or {}) if model is not None else {}
+    as_of = (data.get("export_parameters") or {}).get("as_of") or {}
+    return int(as_of.get("comparison_id") or 0)
+
+
 def human_comparisons_after(db: Session, campaign_id: int, mark: int) -> tuple[int, int]:
     """(how many active human comparisons of the campaign have an id above `mark`, the
     newest id among them)."""
@@ -436,8 +447,9 @@ def advance(db: Session, loop: PolicyLoop, iteration: LoopIteration) -> Step | N
     if job.state != JobState.succeeded or loop.state == LoopState.paused:
         return None
     if iteration.stage == Stage.generate:
-        if _move(db, iteration, Stage.generate, stage=Stage.done, finished_at=utcnow()):
-            return Step(loop.id, "finished", job.id, f"iteration {iteration.number}")
+        note = _nothing_sampled(job)
+        if _move(db, iteration, Stage.generate, stage=Stage.done, finished_at=utcnow(), error=note):
+            return Step(loop.id, "finished", job.id, f"iteration {iteration.number} {note or ''}")
         return None
     kind = ModelKind.reward if iteration.stage == Stage.reward else ModelKind.policy
     made = _version_of(db, job, kind)
@@ -451,6 +463,28 @@ def advance(db: Session, loop: PolicyLoop, iteration: LoopIteration) -> Step | N
     iteration.policy_id = made.id  # generate_spec reads it
     queued = registry.queue_generation(db, generate_spec(loop, campaign, iteration), actor_id=None)
     return _hand_over(db, loop, iteration, Stage.generate, queued, "policy_id", made)
+
+
+def _nothing_sampled(job: Job) -> str | None:
+    """Why a generate step that made no task made none (the loop page shows it): without
+    new tasks there are no audit pairs, so no human win rate for the new version."""
+    result = job.result or {}
+    if result.get("tasks_created", 1):
+        return None
+    why = result.get("none_due") or (
+        "every prompt already has an open task or enough completions"
+        if not result.get("prompts_planned")
+        else "no prompt got enough distinct completions"
+    )
+    if isinstance(why, dict):  # registry.why_none_due's counts
+        why = (
+            f"{why.get('open_task', '?')} of the campaign's {why.get('prompts', '?')} prompts "
+            f"have an open task, {why.get('answered', '?')} others are answered already"
+        )
+    return (
+        f"the new policy wrote no tasks ({why}); import new prompts, then queue a generation "
+        "from it on the Generate page, or let the next iteration sample"
+    )
 
 
 def _hand_over(

@@ -105,9 +105,14 @@ def loop_context(
     )
     job_ids = {j for it in rows for j in (it.reward_job_id, it.policy_job_id, it.generate_job_id)}
     job_ids.discard(None)
-    job_states = dict(
-        db.execute(select(Job.id, Job.state).where(Job.id.in_(job_ids))).tuples().all()
-    )
+    found = db.execute(select(Job.id, Job.state, Job.result).where(Job.id.in_(job_ids))).all()
+    job_states = {job_id: state for job_id, state, _ in found}
+    # What each finished generate step wrote: tasks, of which audit pairs.
+    written = {
+        job_id: (result.get("tasks_created", 0), result.get("audit_tasks", 0))
+        for job_id, _, result in found
+        if result and "tasks_created" in result
+    }
     return {
         "campaign": campaign,
         "loop": loop,
@@ -115,6 +120,7 @@ def loop_context(
         "pending": pending,
         "names": names,
         "job_states": {k: v.value for k, v in job_states.items()},
+        "written": written,
         "wins": win_rates(db, [it.policy_id for it in rows if it.policy_id]),
         "policies": _versions(db, ModelKind.policy),
         "reward_models": _versions(db, ModelKind.reward),
