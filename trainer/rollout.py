@@ -533,15 +533,17 @@ def generate_rollout(
 
 
 def decode_responses(tokenizer: Any, rollout: Rollout) -> list[str]:
-    """The responses as text, without their EOS and padding."""
+    """The responses as text, without their EOS and padding, stripped as the generate job
+    stores completions (what labelers saw and the reward model learned from)."""
     lengths, contains_eos = rollout.lengths, rollout.contains_eos
-    return tokenizer.batch_decode(
+    texts = tokenizer.batch_decode(
         [
             rollout.response[b, : int(lengths[b]) - int(contains_eos[b])].tolist()
             for b in range(len(lengths))
         ],
         skip_special_tokens=True,
     )
+    return [text.strip() for text in texts]
 
 
 def rollout_logprobs(
