@@ -20,6 +20,10 @@
     ["implicit_rewards", "Implicit rewards",
       ["rewards/chosen", "rewards/rejected", "eval/rewards/chosen", "eval/rewards/rejected"]],
     ["logps", "Log-probability of the answers", ["logps/chosen", "logps/rejected"]],
+    // generation: a rate and running counts do not share an axis
+    ["generate_rate", "Completions per second", ["generate/completions_per_second"]],
+    ["generate_counts", "Generation so far",
+      ["generate/tasks_created", "generate/duplicates_resampled", "generate/short_prompts"]],
   ];
   var COLORS = ["#3355dd", "#1f7a4d", "#a86a00", "#b3261e", "#6b4fbb", "#00838f"];
 
@@ -43,6 +47,15 @@
     }
     var prefix = group.slice(2);
     return PREFIX_TITLES[prefix] || prefix;
+  }
+
+  // A tick label short enough to read: 3e-6 rather than 3.0000000E-6, 0.25 rather than
+  // 0.25000000000000006.
+  function compact(value) {
+    if (value === 0) return "0";
+    var size = Math.abs(value);
+    if (size < 1e-3 || size >= 1e6) return Number(value.toPrecision(3)).toExponential();
+    return String(Number(value.toPrecision(4)));
   }
 
   function start(root) {
@@ -77,7 +90,11 @@
           responsive: true,
           maintainAspectRatio: false,
           parsing: false,
-          scales: { x: { type: "linear", title: { display: true, text: "step" } } },
+          scales: {
+            // steps are whole numbers: no 1.1, 1.2, ... ticks between them
+            x: { type: "linear", title: { display: true, text: "step" }, ticks: { precision: 0 } },
+            y: { ticks: { callback: compact } },
+          },
           plugins: { legend: { position: "bottom" } },
         },
       });

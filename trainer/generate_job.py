@@ -218,7 +218,11 @@ def run(ctx: Any) -> dict[str, Any]:
     short: list[int] = []
     if not todo:
         ctx.report(1.0, "no prompt lacks completions")
-        return _result(spec, planned, 0, totals, short, 0.0)
+        result = _result(spec, planned, 0, totals, short, 0.0)
+        if not planned:  # the job page says why, and what to do
+            with ctx.database.session() as db:
+                result["none_due"] = registry.why_none_due(db, campaign, spec)
+        return result
     ctx.report(0.01, f"loading {'the model' if location else 'the endpoint client'}")
     backend: Backend = (
         LocalBackend(spec, location, ctx.device) if location else EndpointBackend(spec, ctx.log)

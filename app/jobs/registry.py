@@ -138,6 +138,14 @@ def register(
     return model
 
 
+def location(data_dir: Path, path: str) -> dict[str, Any]:
+    """Where a version's files are, as the model page shows it: `local` with the resolved
+    folder when it is one here (absolute, or under PREFLOOP_DATA_DIR), else a hub id."""
+    folder = Path(data_dir) / path  # an absolute path stays itself
+    local = folder.is_dir()
+    return {"local": local, "path": str(folder.resolve()) if local else path, "data_dir": data_dir}
+
+
 def list_versions(db: Session, *, kind: str | None = None) -> list[ModelVersion]:
     """Every model version (the newest first), of one kind if given."""
     query = select(ModelVersion).order_by(ModelVersion.id.desc()).limit(LIST_LIMIT)
@@ -273,6 +281,25 @@ def due_prompts(db: Session, campaign: Campaign, spec: GenerateJobSpec) -> list[
         if spec.max_prompts and len(due) >= spec.max_prompts:
             return due[: spec.max_prompts]
     return due
+
+
+def why_none_due(db: Session, campaign: Campaign, spec: GenerateJobSpec) -> dict[str, int]:
+    """Why no prompt of the campaign is due, for a job that found none to show: how many
+    prompts it has, how many have an open task, and how many of the others already have K
+    completions from this generator."""
+    total = db.scalar(select(func.count(Prompt.id)).where(Prompt.campaign_id == campaign.id))
+    busy = exists().where(Task.prompt_id == Prompt.id, Task.status == TaskStatus.open)
+    open_tasks = db.scalar(
+        select(func.count(Prompt.id)).where(Prompt.campaign_id == campaign.id, busy)
+    )
+    everything = spec.model_copy(update={"max_prompts": None})
+    free = (total or 0) - (open_tasks or 0)
+    return {
+        "prompts": total or 0,
+        "open_task": open_tasks or 0,
+        "answered": free - len(due_prompts(db, campaign, everything)),
+        "per_task": per_task(campaign),
+    }
 
 
 def still_due(db: Session, prompt_ids: Sequence[int]) -> list[int]:

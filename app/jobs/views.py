@@ -8,6 +8,7 @@ status panel) and the page answers with that block of the same template."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -21,9 +22,9 @@ from starlette.responses import RedirectResponse, Response
 from app.auth.models import Role
 from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign
-from app.jobs import api, registry, training
+from app.jobs import api, generation, registry, training
 from app.jobs import service as jobs
-from app.jobs.models import Job, JobState, ModelVersion
+from app.jobs.models import Job, JobState, ModelKind, ModelVersion
 from app.jobs.specs import (
     DPOJobSpec,
     GenerateJobSpec,
@@ -144,10 +145,12 @@ def campaign_query(campaign: Annotated[str | None, Query()] = None) -> dict[str,
 
 def policy_query(
     policy: Annotated[int | None, Query(ge=1)] = None,
+    reward: Annotated[int | None, Query(ge=1)] = None,
     campaign: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
-    """`?policy=ID&campaign=SLUG`: the policy version PPO or RLOO starts from, a campaign."""
-    return {"policy_id": policy, **campaign_query(campaign)}
+    """`?policy=ID&reward=ID&campaign=SLUG`: the policy version PPO or RLOO starts from, the
+    reward model it optimises against, a campaign."""
+    return {"policy_id": policy, "reward_model_id": reward, **campaign_query(campaign)}
 
 
 def model_query(
@@ -180,7 +183,8 @@ class JobForm:
     top_checks: tuple[str, ...] = ()  # checkboxes: true when sent
     training_checks: tuple[str, ...] = ()
     demonstrations: bool = False  # offer demonstration campaigns, else the others
-    models: tuple[tuple[str, str], ...] = ()  # (context name, model kind) listed to choose
+    # (context name, model kind, the field it fills or "" when optional) listed to choose
+    models: tuple[tuple[str, str, str], ...] = ()
     own_defaults: Callable[[], dict[str, Any]] = dict
     own_context: Callable[[], dict[str, Any]] = dict
     refill: bool = False  # a refused form shows the defaults in the fields sent empty
@@ -203,21 +207,51 @@ class JobForm:
         }
         return form | {name: options[name] for name in training_inputs} | self.own_defaults()
 
-    def context(self, db: Any, form: dict[str, Any], error: str | None = None) -> dict[str, Any]:
+    def context(
+        self, db: Any, form: dict[str, Any], error: str | None = None, *, preselect: bool = False
+    ) -> dict[str, Any]:
+        """The page's context; `preselect` (a GET) fills in the obvious choices left empty."""
         offered = [
             row
             for row in campaigns.list_campaigns(db)
             if (row.campaign.mode.value == "demonstration") == self.demonstrations
         ]
+        listed = {key: training.list_models(db, kind=kind) for key, kind, _ in self.models}
+        if preselect:
+            form = self.preselected(db, form, offered, listed)
         return {
             "form": form,
             "error": error,
             "campaign_list": offered,
             "data_fields": self.data_fields,
             "training_fields": self.training_fields,
-            **{key: training.list_models(db, kind=kind) for key, kind in self.models},
+            **listed,
             **self.own_context(),
         }
+
+    def preselected(
+        self, db: Any, form: dict[str, Any], offered: list[Any], listed: dict[str, list[Any]]
+    ) -> dict[str, Any]:
+        """The form with the obvious choices made where the query left them empty: the only
+        version a required model field can take; the campaign a chosen version was trained
+        on when it is offered, else the only campaign offered."""
+        form = dict(form)
+        for key, _kind, field in self.models:
+            if field and not form.get(field) and len(listed[key]) == 1:
+                form[field] = listed[key][0].id
+        if form.get("campaigns"):
+            return form
+        slugs = {row.campaign.id: row.campaign.slug for row in offered}
+        chosen = [form[field] for _, _, field in self.models if field and form.get(field)]
+        theirs = [
+            slugs[model.campaign_id]
+            for model_id in chosen
+            if (model := db.get(ModelVersion, int(model_id))) is not None
+            and model.campaign_id in slugs
+        ]
+        if theirs or len(slugs) == 1:
+            form["campaigns"] = theirs[:1] or list(slugs.values())
+        return form
 
     def spec_input(self, form: Any) -> dict[str, Any]:
         top, training_inputs = self.inputs()
@@ -287,7 +321,8 @@ def add_form(form: JobForm, *, new: str, create: str) -> None:
     def show(
         request: Request, db: DbSession, filled: dict[str, Any] = Depends(form.query)
     ) -> Response:
-        return render(request, form.template, form.context(db, form.defaults() | filled), db=db)
+        context = form.context(db, form.defaults() | filled, preselect=True)
+        return render(request, form.template, context, db=db)
 
     async def submit(request: Request, db: DbSession, principal: CurrentPrincipal) -> Response:
         raw = form.spec_input(await request.form())
@@ -324,7 +359,7 @@ REWARD_FORM = JobForm(
     training=("ties",),
     top_checks=("include_excluded",),
     training_checks=("use_margin",),
-    models=(("rewards", "reward"),),  # to warm-start from
+    models=(("rewards", "reward", ""),),  # to warm-start from: optional
     own_defaults=lambda: {"backbone": bundled_backbone() or ""},
     own_context=lambda: {"bundled": bundled_backbone()},
     refill=True,
@@ -352,7 +387,7 @@ PPO_FORM = JobForm(
     ),
     top=ONLINE_RL_INPUTS,
     training_checks=("adaptive_kl", "use_lora"),
-    models=(("policies", "policy"), ("rewards", "reward")),
+    models=(("policies", "policy", "policy_id"), ("rewards", "reward", "reward_model_id")),
 )
 RLOO_FORM = JobForm(
     name="rloo",
@@ -398,7 +433,7 @@ RLOO_FORM = JobForm(
     ),
     top=ONLINE_RL_INPUTS,
     training_checks=("adaptive_kl", "use_lora", "whiten_advantages"),
-    models=(("policies", "policy"), ("rewards", "reward")),
+    models=(("policies", "policy", "policy_id"), ("rewards", "reward", "reward_model_id")),
 )
 SFT_FORM = JobForm(
     name="sft",
@@ -426,7 +461,7 @@ SFT_FORM = JobForm(
     top_checks=("include_excluded",),
     training_checks=("packing",),
     demonstrations=True,
-    models=(("policies", "policy"),),
+    models=(("policies", "policy", "model_id"),),
 )
 DPO_FORM = JobForm(
     name="dpo",
@@ -463,7 +498,7 @@ DPO_FORM = JobForm(
     ),
     top=("model_id", "name", "processes", "sharding"),
     top_checks=("include_excluded",),
-    models=(("policies", "policy"),),
+    models=(("policies", "policy", "model_id"),),
 )
 # Before /jobs/{job_id}, which would take /jobs/new for a job id.
 add_form(REWARD_FORM, new="/jobs/new", create="/jobs")
@@ -606,6 +641,7 @@ def model_page(
         "scored": len(task_ids),
         "one_task": task,
         "win": win_rates(db, [model.id]).get(model.id),  # a policy's audits against its parent
+        "location": registry.location(request.app.state.settings.data_dir, model.path),
     }
     return render(request, MODEL_TEMPLATE, context, db=db)
 
@@ -677,6 +713,7 @@ async def register_model(request: Request, db: DbSession, principal: CurrentPrin
 def generate_defaults(campaign: str | None, model: int | None) -> dict[str, Any]:
     defaults = GenerateJobSpec.model_fields
     form = {name: defaults[name].default for name, *_ in GENERATE_FIELDS}
+    form |= {name: defaults[name].default for name in generation.LINKED}
     return form | {"campaign": campaign or "", "model_id": model, "source": "model", "api": "chat"}
 
 
@@ -694,10 +731,15 @@ def generate_context(db: Any, form: dict[str, Any], error: str | None = None) ->
         "error": error,
         "campaign_list": campaigns.list_campaigns(db),
         "policies": registry.list_versions(db, kind="policy"),
+        "rewards": registry.list_versions(db, kind="reward"),
         "fields": GENERATE_FIELDS,
         "due": due,
         "per_task": registry.per_task(found) if found is not None else None,
     }
+
+
+def _number(text: str | None) -> int | None:
+    return int(text) if text and text.strip().isdigit() and int(text) > 0 else None
 
 
 @router.get("/generate")
@@ -706,11 +748,32 @@ def generate_form(
     db: DbSession,
     campaign: Annotated[str | None, Query()] = None,
     model: Annotated[int | None, Query(ge=1)] = None,
+    model_id: Annotated[str | None, Query()] = None,
+    source: Annotated[str | None, Query()] = None,
 ) -> Response:
     """The form that queues a generation job: a campaign, a policy version or an endpoint,
-    and how to sample."""
-    context = generate_context(db, generate_defaults(campaign, model))
-    return render(request, GENERATE_TEMPLATE, context, db=db)
+    and how to sample; `?model=ID` fills in that version's campaign, sampling settings and
+    links (reward model, reference, audits). htmx: the count of prompts that lack
+    completions, for the campaign and model chosen (`model_id`, `source`: the form's)."""
+    chosen = model or _number(model_id)
+    version = db.get(ModelVersion, chosen) if chosen else None
+    if version is not None and campaign is None and version.campaign_id:
+        campaign = campaign_slugs(db, {version.campaign_id}).get(version.campaign_id)
+    if not is_htmx(request):
+        # What the selects show when nothing is asked for, so the count matches them.
+        newest = select(Campaign.slug).order_by(Campaign.id.desc()).limit(1)  # as listed
+        campaign = campaign or db.scalar(newest)
+        if version is None and (policies := registry.list_versions(db, kind="policy")):
+            version, chosen = policies[0], policies[0].id
+    form = generate_defaults(campaign, chosen) | {"source": source or "model"}
+    if is_htmx(request):
+        return render_block(request, GENERATE_TEMPLATE, "due", generate_context(db, form))
+    found = campaigns.get_by_slug(db, campaign or "")
+    if version is not None and version.kind == ModelKind.policy and found is not None:
+        # A loop's generate options that no longer pass leave the plain defaults.
+        with contextlib.suppress(SpecError):
+            form |= generation.form_defaults(db, version, found)
+    return render(request, GENERATE_TEMPLATE, generate_context(db, form), db=db)
 
 
 def generate_input(form: dict[str, str]) -> dict[str, Any]:
@@ -728,19 +791,46 @@ def generate_input(form: dict[str, str]) -> dict[str, Any]:
         raw["endpoint"] = endpoint
     elif form.get("model_id"):
         raw["model_id"] = form["model_id"]
+        raw |= {name: form[name] for name in generation.LINKED if form.get(name)}
+        if not form.get("audit_against_id"):
+            raw.pop("audit_share", None)  # no audits: the share means nothing
     return raw
+
+
+def queue_unless_waiting(db: Any, principal: Any, spec: GenerateJobSpec) -> tuple[Job, bool]:
+    """Queue the generation job, unless one from the same model for the same campaign is
+    still queued or running (it would find every prompt taken): that one, and False."""
+    campaign = campaigns.get_by_slug(db, spec.campaign)
+    waiting = generation.waiting_job(db, campaign, spec) if campaign is not None else None
+    if waiting is not None:
+        return waiting, False
+    return registry.queue_generation(db, spec, actor_id=principal.user.id), True
+
+
+def _already(db: Any, principal: Any, job: Job, spec: GenerateJobSpec) -> Response:
+    flash(
+        db,
+        principal,
+        f"Nothing new was queued: job #{job.id} ({job.state.value}) already samples from this "
+        f"model for {spec.campaign}; queue another once it has finished.",
+        "warning",
+    )
+    db.commit()
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
 
 def _generate(request: Request, db: Any, principal: Any, form: dict[str, str]) -> Response:
     raw = generate_input(form)
     try:
         spec = GenerateJobSpec.model_validate(raw)
-        job = registry.queue_generation(db, spec, actor_id=principal.user.id)
+        job, queued = queue_unless_waiting(db, principal, spec)
     except (SpecError, ValueError) as error:
         db.rollback()
         message = str(error) if isinstance(error, SpecError) else _first_errors(error)
         context = generate_context(db, form, message)
         return render(request, GENERATE_TEMPLATE, context, status_code=422, db=db)
+    if not queued:
+        return _already(db, principal, job, spec)
     flash(db, principal, f"Job #{job.id} is queued: a worker will sample the completions.")
     db.commit()
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
@@ -758,20 +848,24 @@ async def create_generate_job(
 
 def _generate_now(request: Request, db: Any, principal: Any, model_id: int) -> Response:
     model = api.model_or_404(db, model_id)
-    slug = campaign_slugs(db, {model.campaign_id} if model.campaign_id else set()).get(
-        model.campaign_id or 0
-    )
+    campaign = db.get(Campaign, model.campaign_id) if model.campaign_id else None
     try:
-        if slug is None:
+        if campaign is None:
             raise SpecError("this policy belongs to no campaign: use Generate completions")
-        spec = GenerateJobSpec(campaign=slug, model_id=model.id)
-        job = registry.queue_generation(db, spec, actor_id=principal.user.id)
+        if model.kind != ModelKind.policy:
+            raise SpecError(f"model #{model.id} is a {model.kind.value} model, not a policy")
+        spec = generation.version_spec(db, model, campaign)
+        job, queued = queue_unless_waiting(db, principal, spec)
     except SpecError as error:
         db.rollback()
         flash(db, principal, f"Nothing was queued: {error}", "error")
         db.commit()
         return RedirectResponse(f"/models/{model_id}", status_code=303)
-    flash(db, principal, f"Job #{job.id} samples completions from {model.name} for {slug}.")
+    if not queued:
+        return _already(db, principal, job, spec)
+    flash(
+        db, principal, f"Job #{job.id} samples completions from {model.name} for {spec.campaign}."
+    )
     db.commit()
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
@@ -781,5 +875,6 @@ def generate_now(
     model_id: int, request: Request, db: DbSession, principal: CurrentPrincipal
 ) -> Response:
     """One click: a policy version samples completions for its campaign's prompts that lack
-    them, with the default sampling settings (the form at /generate has them all)."""
+    them, as its run sampled, scored and audited as the loop's generate step would (the form
+    at /generate has every setting); an identical job still waiting is shown instead."""
     return _generate_now(request, db, principal, model_id)
