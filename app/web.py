@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
 from sqlalchemy.orm import Session
 from starlette.responses import HTMLResponse, Response
 
@@ -33,6 +35,17 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 templates = Jinja2Templates(directory=ROOT / "templates")
 templates.env.globals["app_version"] = __version__
+
+_CODE_SPAN = re.compile(r"`([^`\n]+)`")
+
+
+def inline_code(text: str) -> Markup:
+    """Text with its `backtick` spans as <code>. Everything is escaped first (a message may
+    echo user input), so the only markup that can come out is <code> itself."""
+    return Markup(_CODE_SPAN.sub(r"<code>\1</code>", str(escape(text))))  # noqa: S704
+
+
+templates.env.filters["inline_code"] = inline_code
 
 
 class NotAuthenticated(Exception):

@@ -70,6 +70,23 @@
     if (input) input.value = JSON.stringify(tiersOf(list));
   }
 
+  // The order is shown shuffled: an order nobody changed says nothing about the completions,
+  // so submitting it asks first (see the submit listener).
+  function touched(list) {
+    list.dataset.touched = "true";
+    hideConfirm(false);
+  }
+
+  function confirmBox() { return one("#confirm-order"); }
+
+  function hideConfirm(refocus) {
+    var box = confirmBox();
+    if (!box || box.hidden) return;
+    box.hidden = true;
+    var first = refocus ? one("#ranking li.completion-card") : null;
+    if (first) first.focus({ preventScroll: true });
+  }
+
   function moveTo(list, card, target) {
     var cards = cardsOf(list);
     target = Math.max(0, Math.min(cards.length - 1, target));
@@ -78,6 +95,7 @@
     card.dataset.tied = "false"; // a card that moves takes a place of its own
     if (target > current) cards[target].after(card);
     else cards[target].before(card);
+    touched(list);
     refresh(list);
     card.focus();
     announce(card.dataset.label + " moved to place " + (target + 1));
@@ -88,6 +106,7 @@
     if (!form || form.dataset.allowTies !== "true") return;
     if (cardsOf(list).indexOf(card) === 0) return;
     card.dataset.tied = card.dataset.tied === "true" ? "false" : "true";
+    touched(list);
     refresh(list);
     announce(card.dataset.label + (card.dataset.tied === "true" ? " tied with the one above" : " untied"));
   }
@@ -110,6 +129,16 @@
     });
   }
 
+  // SortableJS animates cards through element.style and clears it afterwards, which leaves
+  // an empty style="" behind. The CSP refuses inline style attributes, so any later copy of
+  // that attribute (htmx settling a swap, a snapshot re-parsed) logs a violation: drop it.
+  var ANIMATION_MS = 120;
+  function dropEmptyStyles(list) {
+    all("[style]", list).forEach(function (element) {
+      if (!element.getAttribute("style").trim()) element.removeAttribute("style");
+    });
+  }
+
   function setUpRanking(list) {
     if (list.dataset.ready) return;
     list.dataset.ready = "true";
@@ -120,13 +149,15 @@
         handle: ".card-head",
         filter: "button",
         preventOnFilter: false,
-        animation: 120,
+        animation: ANIMATION_MS,
         onEnd: function (event) {
           if (event.oldIndex !== event.newIndex) {
             event.item.dataset.tied = "false";
+            touched(list);
             announce(event.item.dataset.label + " moved to place " + (event.newIndex + 1));
           }
           refresh(list);
+          setTimeout(function () { dropEmptyStyles(list); }, ANIMATION_MS + 50);
         },
       });
     }
@@ -203,6 +234,16 @@
     else if (event.target.closest(".close-help")) toggleHelp(false);
     else if (event.target.closest(".open-skip")) showSkip(true);
     else if (event.target.closest(".cancel-skip")) showSkip(false);
+    else if (event.target.closest(".keep-ranking")) hideConfirm(true);
+    else if (event.target.closest(".confirm-as-shown")) {
+      var form = answerForm();
+      if (!form) return;
+      form.dataset.asShown = "true";
+      hideConfirm(false);
+      var submit = one("button[type=submit]", form);
+      if (submit) submit.focus({ preventScroll: true }); // the focus must not vanish with the box
+      form.requestSubmit();
+    }
   });
 
   // Fill in the measured time (and the ranking) just before the form is sent. Capture phase:
@@ -216,10 +257,18 @@
       event.stopPropagation(); // capture phase on document: htmx on the form never sees it
       return;
     }
+    var list = one("#ranking", form);
+    var box = one("#confirm-order", form);
+    if (box && list && list.dataset.touched !== "true" && form.dataset.asShown !== "true") {
+      event.preventDefault();
+      event.stopPropagation();
+      box.hidden = false;
+      one(".confirm-as-shown", box).focus();
+      return;
+    }
     var time = one(".time-on-task", form);
     if (time) time.value = String(elapsed());
-    var list = one("#ranking", form);
-    if (list) refresh(list);
+    if (list) { refresh(list); dropEmptyStyles(list); }
   }, true);
 
   function typing(target) {
@@ -236,7 +285,7 @@
       if (!event.repeat) form.requestSubmit(); // the submit listener drops a double submit
       return;
     }
-    if (event.key === "Escape") { toggleHelp(false); showSkip(false); return; }
+    if (event.key === "Escape") { toggleHelp(false); showSkip(false); hideConfirm(true); return; }
     if (typing(event.target) || event.ctrlKey || event.metaKey) return;
     if (event.key === "?") { event.preventDefault(); toggleHelp(); return; }
     if (event.key === "g") {

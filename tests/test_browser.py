@@ -236,3 +236,24 @@ def test_admin_disables_a_user_in_place_with_htmx(server: LiveServer, browsing: 
     row.get_by_role("button", name="Enable").click()
     row.get_by_role("button", name="Disable").wait_for()
     assert "active" in row.inner_text()
+
+
+def test_a_new_api_token_has_a_copy_button(server: LiveServer, browsing: Browsing) -> None:
+    server.create_user("copy-researcher", Role.researcher)
+    context = browsing.new_context()
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    page = browsing.new_page(context)
+    browsing.login(page, "copy-researcher")
+    page.goto("/tokens")
+    assert page.get_by_test_id("copy-token").count() == 0, "no token, nothing to copy"
+    page.get_by_label("Name").fill("training box")
+    with page.expect_navigation():
+        page.get_by_role("button", name="Create token").click()
+    secret = page.get_by_label("New API token").input_value()
+    assert len(secret) > 20
+
+    page.get_by_test_id("copy-token").click()
+    page.wait_for_function(
+        "() => document.getElementById('copy-status').textContent.includes('Copied')"
+    )
+    assert page.evaluate("() => navigator.clipboard.readText()") == secret

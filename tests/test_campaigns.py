@@ -4,6 +4,7 @@ pages and the `prefloop campaign` commands, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import re
+import secrets
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,11 @@ from app.campaigns.schemas import (
     settings_of,
 )
 from app.db import Database
-from app.labeling.models import Prompt, Task, TaskStatus
+from app.labeling import service as labeling
+from app.labeling.models import Comparison, Prompt, Task, TaskStatus
+from app.labeling.schemas import EditIn, JudgmentIn
 from app.web import SESSION_COOKIE
+from tests.factories import make_campaign, make_labeler, make_task
 from tests.test_cli import cli_env, one_error_line, run_cli, run_cli_together
 
 HOSTILE = '<script>alert("x")</script>\n\n<img src=x onerror=alert(1)>\n\n**Be kind.**'
@@ -294,6 +298,77 @@ def test_pages_are_for_admins_only(client, sign_in, db: Session, role: str) -> N
     assert status.status_code == 403
     assert service.get_by_slug(db, "mine") is None
     assert service.get_by_slug(db, "secret").status == CampaignStatus.active
+
+
+def test_every_page_counts_only_active_comparisons(client, sign_in, db: Session) -> None:
+    """An edited judgment replaces its comparisons: no page may count the superseded ones."""
+    campaign = make_campaign(db, slug="edited", k=3, overlap=1)
+    make_task(db, campaign)
+    labeler = make_labeler(db)
+    lease = labeling.next_task(db, user=labeler, campaign=campaign)
+    first = [[cid] for cid in lease.display_order]
+    judgment, _ = labeling.submit(
+        db, user=labeler, submit_key=lease.submit_key, answer=JudgmentIn(ranking=first)
+    )
+    labeling.edit(
+        db,
+        user=labeler,
+        judgment_id=judgment.id,
+        answer=EditIn(ranking=first[::-1], idempotency_key=secrets.token_hex(12)),
+    )
+    db.commit()
+    stored = db.scalars(select(Comparison).where(Comparison.campaign_id == campaign.id)).all()
+    assert len(stored) == 6 and sum(c.is_active for c in stored) == 3  # 3 pairs, edited once
+    sign_in("admin")
+    cell = re.compile(r'data-testid="comparisons-edited">(\d+)<')
+    for path in (
+        "/admin",
+        "/research",
+        "/research/exports",
+        "/admin/campaigns",
+        "/admin/campaigns/edited",
+    ):
+        page = client.get(path)
+        assert page.status_code == 200, path
+        assert cell.findall(page.text) == ["3"], path
+
+
+def test_a_demonstration_campaign_offers_sft_not_ranking_tools(client, sign_in, db) -> None:
+    make_campaign(db, slug="written", mode=CampaignMode.demonstration, k=4)
+    make_campaign(db, slug="ranked", k=3)
+    db.commit()
+    sign_in("admin")
+    written = client.get("/admin/campaigns/written").text
+    assert 'href="/jobs/new/sft?campaign=written"' in written and "Fine-tune (SFT)" in written
+    for absent in ("Label quality", "Disagreements", "/quality", "/disagreements"):
+        assert absent not in written, absent
+    ranked = client.get("/admin/campaigns/ranked").text
+    assert "Label quality" in ranked and "Disagreements" in ranked
+    assert "/jobs/new/sft" not in ranked
+    for path in ("/admin/campaigns", "/admin"):
+        page = client.get(path).text
+        row = re.search(r"<tr[^>]*>(?:(?!</tr>).)*written(?:(?!</tr>).)*</tr>", page, re.S)
+        assert row is not None, path
+        cells = re.findall(r"<td>(.*?)</td>", row.group(0), re.S)
+        assert "\u2013" in cells[3 if path == "/admin/campaigns" else 2] and "4" not in cells, (
+            path,
+            cells,
+        )
+
+
+def test_guidelines_versions_are_a_plain_list_of_versions(client, sign_in, db) -> None:
+    campaign = new_campaign(db, "listed", guidelines_md="1. First rule\n2. Second rule")
+    service.update(
+        db, campaign=campaign, data=changed(campaign, guidelines_md="- Only rule"), actor=None
+    )
+    db.commit()
+    sign_in("admin")
+    page = client.get("/admin/campaigns/listed").text
+    block = page.split('data-testid="guidelines-versions"', 1)[1].split("</section>", 1)[0]
+    assert "reversed" not in page.split('data-testid="guidelines-versions"', 1)[0][-80:]
+    assert re.findall(r'<li class="version" data-version="(\d+)">', block) == ["2", "1"]
+    assert "Version 2 (current)" in block and "Version 1" in block
+    assert "<li>First rule</li>" in block and "<li>Only rule</li>" in block  # the Markdown's own
 
 
 def test_create_through_the_form(client, sign_in, db: Session, users) -> None:

@@ -422,7 +422,7 @@ def test_bad_form_input_shows_the_form_again_and_creates_nothing(client, as_role
     csrf = as_role("researcher")
     cases = [
         (form_data(csrf, min_agreement="1.5"), "min_agreement"),
-        (form_data(csrf, campaigns=[]), "campaigns"),
+        (form_data(csrf, campaigns=[]), "campaigns: choose at least one"),
         (form_data(csrf, campaigns=["no-such-campaign"]), "no-such-campaign"),
         (form_data(csrf, since="2026-05-02", until="2026-05-01"), "since"),
     ]
@@ -431,6 +431,7 @@ def test_bad_form_input_shows_the_form_again_and_creates_nothing(client, as_role
         assert response.status_code == 422, (data, response.status_code)
         assert 'data-testid="export-errors"' in response.text and expected in response.text
         assert 'data-testid="export-form"' in response.text
+        assert "List should" not in response.text, "pydantic's own wording reached the page"
     assert snapshot_count(db) == 0
 
 

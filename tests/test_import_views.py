@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 from fastapi.testclient import TestClient
@@ -150,6 +151,35 @@ def test_upload_with_bad_lines_lists_them_and_imports_nothing(
         refused = client.post("/admin/imports", data={**data, "csrf_token": csrf}, files=files)
         assert refused.status_code == 422 and message in refused.text, message
     assert count(db, Prompt) == 0
+
+
+def test_upload_of_a_gzipped_file_is_unpacked(client: TestClient, as_role, db: Session) -> None:
+    make_campaign(db)
+    csrf = as_role("admin")
+    page = client.get("/admin/imports").text
+    assert ".gz" in page.split('id="import-file"', 1)[1].split(">", 1)[0], "accept= leaves out .gz"
+    form = {"campaign": "web-imports", "format": "auto", "csrf_token": csrf}
+    packed = gzip.compress(BODY)
+    response = client.post(
+        "/admin/imports",
+        data=form,
+        files={"file": ("rows.jsonl.gz", packed, "application/gzip")},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303, response.text
+    assert (count(db, Prompt), count(db, Task)) == (2, 2)
+    csv_body = gzip.compress(b"prompt,completion_1,completion_2\nHello?,Hi!,Go away.\n")
+    as_csv = client.post(
+        "/admin/imports", data=form, files={"file": ("rows.csv.gz", csv_body, "application/gzip")}
+    )
+    assert as_csv.status_code == 200 and count(db, Task) == 3
+
+    truncated = gzip.compress(BODY + b"\n" + json.dumps(HH_ROW).encode())[:-12]
+    refused = client.post(
+        "/admin/imports", data=form, files={"file": ("cut.jsonl.gz", truncated, "application/gzip")}
+    )
+    assert refused.status_code == 422 and "not a readable gzip file" in refused.text
+    assert count(db, Task) == 3
 
 
 # --- the API --------------------------------------------------------------------------------

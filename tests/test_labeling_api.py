@@ -211,6 +211,45 @@ def test_a_bad_ranking_from_the_page_is_422_and_the_lease_stays(client, campaign
     assert db.scalar(select(Assignment.state).where(Assignment.submit_key == key)) == "active"
 
 
+def test_a_campaign_without_guidelines_shows_no_guidelines_box(client, campaign, db, as_role):
+    bare = make_campaign(db, slug="bare", k=2, guidelines_md="  \n")
+    make_task(db, bare)
+    make_task(db, bare)
+    db.commit()
+    csrf = as_role("labeler")
+    page = client.get("/label/bare").text
+    assert 'id="answer-form"' in page and 'id="guidelines"' not in page
+    key, ids = lease_from(page)
+    swapped = client.post(
+        f"/label/bare/submit/{key}",
+        data={"csrf_token": csrf, "ranking": json.dumps([[ids[1]], [ids[0]]])},
+        headers={"HX-Request": "true"},
+    )
+    assert 'id="answer-form"' in swapped.text and 'id="guidelines"' not in swapped.text
+    # With guidelines, the box is there.
+    assert 'id="guidelines"' in client.get("/label/helpful").text
+
+
+def test_the_queue_and_the_task_page_count_the_same_tasks(client, campaign, as_role):
+    def waiting() -> tuple[str, ...]:
+        queue = client.get("/label").text
+        return re.findall(r'data-testid="available">(\d+)<', queue)
+
+    csrf = as_role("labeler")
+    assert waiting() == ["2"]
+    page = client.get("/label/helpful").text  # leases a task
+    assert "waiting for you: 2" in page
+    assert waiting() == ["2"], "the task leased to the labeler is still theirs to do"
+    key, ids = lease_from(page)
+    saved = client.post(
+        f"/label/helpful/submit/{key}",
+        data={"csrf_token": csrf, "ranking": json.dumps([[i] for i in ids])},
+        headers={"HX-Request": "true"},
+    )
+    assert "waiting for you: 1" in saved.text  # the next task, leased by this answer
+    assert waiting() == ["1"]
+
+
 def test_pairwise_and_demonstration_pages_render_their_controls(client, db, as_role):
     pair = make_campaign(db, slug="pair", mode=CampaignMode.pairwise, k=2, allow_ties=False)
     make_task(db, pair)

@@ -223,6 +223,9 @@ def test_rank_by_dragging_a_card(server: LiveServer, browsing: Browsing) -> None
     )
     assert order_of(page) == [d, a, b, c]
     assert badges(page) == ["1", "2", "3", "4"]
+    # SortableJS's animation leaves style="" on the cards, an inline style the CSP refuses
+    # wherever it is copied again (htmx settling the swap): labeling.js removes it.
+    page.wait_for_function("() => !document.querySelector('#ranking [style]')")
     page.get_by_role("button", name="Submit").click()
     wait_next_task(page, key)
 
@@ -290,7 +293,9 @@ def test_ties_only_where_the_campaign_allows_them(server: LiveServer, browsing: 
     assert badges(page) == ["1", "2", "3"]
     assert not page.locator(f"{CARDS} .tie-badge").first.is_visible()
 
-    page.keyboard.press("Control+Enter")
+    page.keyboard.press("Control+Enter")  # t and = changed nothing: the order is as shown
+    page.get_by_test_id("confirm-order").wait_for()
+    page.keyboard.press("Enter")  # on "Submit as shown"
     wait_next_task(page, key)
     assert page.get_by_test_id("no-more-tasks").is_visible()
     [judgment] = judgments_of(server, user)
@@ -312,6 +317,49 @@ def test_ties_only_where_the_campaign_allows_them(server: LiveServer, browsing: 
     page.keyboard.press("Control+Enter")
     wait_next_task(page, key)
     assert judgments_of(server, user)[1].ranking == [[shown[1]], [shown[0]]]
+
+
+def test_an_order_left_as_shown_is_confirmed_before_it_is_sent(
+    server: LiveServer, browsing: Browsing
+) -> None:
+    seeded = seed(server, [{"priority": 1}, {"priority": 0}], k=3)
+    page, user = sign_in(server, browsing, "rank-as-shown")
+    key = open_task(page, seeded.slug)
+    watch = SubmitWatch(page)
+    confirm = page.get_by_test_id("confirm-order")
+    shown = order_of(page)
+    assert not confirm.is_visible()
+
+    page.keyboard.press("Control+Enter")
+    confirm.wait_for()
+    assert "You haven't changed the order. Submit it as shown?" in confirm.inner_text()
+    assert page.evaluate("() => document.activeElement.textContent.trim()") == "Submit as shown"
+    page.keyboard.press("Escape")  # keep ranking: back to the first card
+    assert not confirm.is_visible() and focused_id(page) == shown[0]
+    page.get_by_role("button", name="Submit").click()
+    confirm.wait_for()
+    page.get_by_role("button", name="Keep ranking").click()
+    assert not confirm.is_visible()
+    assert watch.settle() == [] and judgments_of(server, user) == []
+
+    page.keyboard.press("Control+Enter")
+    confirm.wait_for()
+    page.keyboard.press("Enter")  # "Submit as shown" has the focus: agreeing is one key
+    wait_next_task(page, key)
+    [judgment] = judgments_of(server, user)
+    assert judgment.ranking == [[cid] for cid in shown]
+
+    # A labeler who moved a card is not asked, even when the order ends up as it was shown.
+    let_task_settle(page)
+    key = submit_key(page)
+    shown = order_of(page)
+    page.keyboard.press("2")
+    page.keyboard.press("1")
+    assert order_of(page) == shown
+    page.keyboard.press("Control+Enter")
+    wait_next_task(page, key)
+    assert judgments_of(server, user)[1].ranking == [[cid] for cid in shown]
+    assert len(watch.settle()) == 2
 
 
 # --- pairwise and demonstrations --------------------------------------------------------------
@@ -511,6 +559,7 @@ def test_double_click_on_submit_stores_one_judgment(server: LiveServer, browsing
     key = open_task(page, seeded.slug)
     watch = SubmitWatch(page)
 
+    page.keyboard.press("2")  # a ranking of the labeler's own: no question before it is sent
     page.get_by_role("button", name="Submit").dblclick()
     wait_next_task(page, key)
     assert len(watch.settle()) == 1, watch.sent
@@ -520,6 +569,7 @@ def test_double_click_on_submit_stores_one_judgment(server: LiveServer, browsing
     # Ctrl+Enter twice in a row (or held down) answers one task too.
     let_task_settle(page)
     key = submit_key(page)
+    page.keyboard.press("2")
     page.keyboard.press("Control+Enter")
     page.keyboard.press("Control+Enter")
     wait_next_task(page, key)
@@ -536,6 +586,7 @@ def test_second_click_right_after_the_swap_does_not_answer_the_new_task(
     key = open_task(page, seeded.slug)
     watch = SubmitWatch(page)
 
+    page.keyboard.press("2")
     page.get_by_role("button", name="Submit").click()
     wait_next_task(page, key)
     second_key = submit_key(page)
@@ -547,6 +598,7 @@ def test_second_click_right_after_the_swap_does_not_answer_the_new_task(
     assert len(judgments_of(server, user)) == 1
     assert submit_key(page) == second_key
     assert assignment_by_key(server, second_key).state is AssignmentState.active
+    assert not page.get_by_test_id("confirm-order").is_visible(), "dropped, not questioned"
 
 
 def test_network_failure_keeps_the_ranking_and_a_retry_saves_once(
@@ -590,6 +642,7 @@ def test_session_expiry_mid_task_goes_to_login_and_back_to_the_same_task(
     lease = assignment_by_key(server, key)
     assert server.end_sessions(user) == 1
 
+    page.keyboard.press("2")
     with page.expect_response(lambda r: "/submit/" in r.url) as answer:
         page.get_by_role("button", name="Submit").click()
     assert answer.value.status == 401
@@ -665,6 +718,7 @@ def test_hostile_prompts_and_completions_render_as_text(
     assert_inert(page, f"{CARDS}:has-text('javascript:')")
 
     page.keyboard.press("Control+Enter")
+    page.get_by_role("button", name="Submit as shown").click()
     wait_next_task(page, key)  # the chat prompt arrives through htmx
     assert page.locator(".chat-turn").count() == 2
     assert_inert(page, ".chat-system")

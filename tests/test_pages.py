@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
-from app.auth.models import User
+from app.auth.models import User, UserSession
 from app.main import create_app
 from app.middleware import CONTENT_SECURITY_POLICY
+from app.validation import humane_errors
+from app.web import SESSION_COOKIE, inline_code
 from tests.conftest import PASSWORD, csrf_from, make_settings
 
 
@@ -165,6 +168,15 @@ def test_admin_user_form_reports_bad_input_and_writes_nothing(client, as_role, d
         data={"username": "test-admin", "role": "admin", "password": PASSWORD, "csrf_token": csrf},
     )
     assert duplicate.status_code == 422 and "already exists" in duplicate.text
+    everything = client.post(
+        "/admin/users",
+        data={"username": "-x", "role": "root", "password": "short", "csrf_token": csrf},
+    )
+    assert everything.status_code == 422
+    shown = everything.text.split('data-testid="user-errors"', 1)[1].split("</div>", 1)[0]
+    assert "Username must be" in shown and "listed roles" in shown and "at least 8" in shown
+    assert everything.text.count('aria-invalid="true"') == 3
+    assert 'value="-x"' in everything.text, "the form keeps what was typed"
     assert db.scalar(select(func.count()).select_from(User)) == before
 
 
@@ -263,3 +275,41 @@ def test_bad_password_changes_change_nothing(
     db.expire_all()
     assert db.get(User, users.labeler.id).password_hash == before
     assert client.get("/label").status_code == 200  # still signed in
+
+
+class _Form(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    campaigns: list[str] = Field(min_length=1)
+    labels: list[str] = Field(default_factory=list, min_length=2)
+
+
+def test_validation_errors_read_as_sentences_and_all_are_kept() -> None:
+    with pytest.raises(ValidationError) as caught:
+        _Form.model_validate({"campaigns": [], "labels": ["a"], "colour": "red"})
+    assert humane_errors(caught.value) == (
+        "name: required; campaigns: choose at least one; labels: choose at least 2; "
+        "unknown option colour"
+    )
+
+
+def test_inline_code_escapes_everything_but_its_own_code_tags() -> None:
+    assert inline_code("a worker (`prefloop worker`) will") == (
+        "a worker (<code>prefloop worker</code>) will"
+    )
+    hostile = inline_code("`<img src=x onerror=alert(1)>` and <script>x</script> `")
+    assert hostile == (
+        "<code>&lt;img src=x onerror=alert(1)&gt;</code> and &lt;script&gt;x&lt;/script&gt; `"
+    )
+
+
+def test_flashes_show_backtick_spans_as_code(client, as_role, users, db) -> None:
+    as_role("admin")
+    token = client.cookies.get(SESSION_COOKIE)
+    row = db.scalar(select(UserSession).where(UserSession.user_id == users.admin.id))
+    assert token and row is not None
+    row.flashes = [{"level": "success", "text": "Queued: a worker (`prefloop worker`) <b>x</b>"}]
+    db.commit()
+    page = client.get("/admin")
+    assert "Queued: a worker (<code>prefloop worker</code>) &lt;b&gt;x&lt;/b&gt;" in page.text
+    assert "`" not in page.text.split('role="status">', 1)[1].split("</div>", 1)[0]

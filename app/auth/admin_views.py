@@ -10,7 +10,7 @@ from starlette.responses import RedirectResponse, Response
 
 from app.auth import service
 from app.auth.models import Role, User
-from app.auth.passwords import PasswordPolicyError
+from app.auth.passwords import PasswordPolicyError, check_password_policy
 from app.web import CurrentPrincipal, DbSession, flash, is_htmx, render, render_block, require_roles
 
 router = APIRouter(prefix="/admin/users", dependencies=[Depends(require_roles(Role.admin))])
@@ -20,7 +20,7 @@ def _users_page(
     request: Request,
     db: DbSession,
     *,
-    error: str | None = None,
+    errors: dict[str, str] | None = None,
     form: dict | None = None,
     status_code: int = 200,
 ) -> Response:
@@ -28,7 +28,7 @@ def _users_page(
     return render(
         request,
         "admin/users.html",
-        {"users": users, "roles": list(Role), "error": error, "form": form or {}},
+        {"users": users, "roles": list(Role), "errors": errors or {}, "form": form or {}},
         status_code=status_code,
         db=db,
     )
@@ -40,35 +40,54 @@ def list_users(request: Request, db: DbSession) -> Response:
     return _users_page(request, db)
 
 
+def _user_form_errors(db: DbSession, *, username: str, role: str, password: str) -> dict[str, str]:
+    """Field -> what is wrong with it, for every field of the new-user form."""
+    errors: dict[str, str] = {}
+    name = username
+    try:
+        name = service.validate_username(username)
+    except service.AuthError as exc:
+        errors["username"] = str(exc)
+    else:
+        if service.get_user_by_username(db, name) is not None:
+            errors["username"] = f"User '{name}' already exists."
+    if role not in {r.value for r in Role}:
+        errors["role"] = "Choose one of the listed roles."
+    try:
+        check_password_policy(password, username=name)
+    except PasswordPolicyError as exc:
+        errors["password"] = str(exc)
+    return errors
+
+
 @router.post("")
 def create_user(
     request: Request,
     db: DbSession,
     principal: CurrentPrincipal,
     username: Annotated[str, Form(max_length=64)],
-    role: Annotated[Role, Form()],
+    role: Annotated[str, Form(max_length=32)],  # checked here, so all mistakes show at once
     password: Annotated[str, Form(max_length=1024)],
     display_name: Annotated[str, Form(max_length=128)] = "",
 ) -> Response:
-    """Create an account; the admin passes the password on to its owner."""
+    """Create an account; the admin passes the password on to its owner. Every wrong field
+    is reported, not only the first."""
+    form = {"username": username, "role": role, "display_name": display_name}
+    errors = _user_form_errors(db, username=username, role=role, password=password)
+    if errors:
+        return _users_page(request, db, errors=errors, status_code=422, form=form)
     try:
         user = service.create_user(
             db,
             username=username,
-            role=role,
+            role=Role(role),
             password=password,
             display_name=display_name,
             actor_id=principal.user.id,
         )
-    except (service.AuthError, PasswordPolicyError) as exc:
+    except (service.AuthError, PasswordPolicyError) as exc:  # e.g. a name taken meanwhile
         db.rollback()
-        return _users_page(
-            request,
-            db,
-            error=str(exc),
-            status_code=422,
-            form={"username": username, "role": role.value, "display_name": display_name},
-        )
+        return _users_page(request, db, errors={"form": str(exc)}, status_code=422, form=form)
     flash(db, principal, f"Created {user.role.value} '{user.username}'.")
     db.commit()
     return RedirectResponse("/admin/users", status_code=303)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.validation import humane_errors
+
 Format = Literal["trl", "rankings", "soft", "sft"]
 FileFormat = Literal["jsonl", "jsonl.gz", "parquet"]
 Source = Literal["human", "import", "ai"]
@@ -154,19 +156,9 @@ class ExportParams(BaseModel):
         return self.file_format
 
 
-def validation_message(exc: ValidationError) -> str:
-    """One line per problem, naming the field: `min_agreement: must be <= 1`."""
-    parts = []
-    for error in exc.errors():
-        field = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__")
-        message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"{field}: {message}" if field else message)
-    return "; ".join(parts)
-
-
 def parse_params(data: dict[str, Any]) -> ExportParams:
     """Validate parameters, raising ExportError (422) with a readable message."""
     try:
         return ExportParams.model_validate(data)
     except ValidationError as exc:
-        raise ExportError(validation_message(exc), 422) from None
+        raise ExportError(humane_errors(exc), 422) from None

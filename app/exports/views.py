@@ -15,10 +15,11 @@ from starlette.datastructures import FormData
 from starlette.responses import RedirectResponse, Response
 
 from app.auth.models import Role
+from app.campaigns import service as campaigns_service
 from app.exports import api
 from app.exports.models import ExportSnapshot
 from app.exports.schemas import ExportError, ExportParams
-from app.home.views import campaign_rows
+from app.validation import humane_message
 from app.web import (
     CurrentPrincipal,
     DbSession,
@@ -90,7 +91,7 @@ def field_errors(exc: ValidationError) -> dict[str, str]:
     for error in exc.errors():
         loc = error.get("loc", ())
         field = str(loc[0]) if loc and str(loc[0]) in ExportParams.model_fields else "form"
-        errors.setdefault(field, error["msg"].removeprefix("Value error, "))
+        errors.setdefault(field, humane_message(error))
     return errors
 
 
@@ -107,7 +108,7 @@ def list_context(
         "older": snapshots[-1].id if len(found) > PAGE_SIZE else None,
         "names": api.creators(db, snapshots),
         "summaries": {s.id: summary(s.parameters or {}) for s in snapshots},
-        "campaigns": campaign_rows(db, active_only=False),
+        "campaigns": campaigns_service.list_campaigns(db),
         "form": {**DEFAULTS, **(form or {})},
         "errors": {},
         "choices": {

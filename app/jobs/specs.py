@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from app.exports.schemas import SOURCES, ExportParams, Source
+from app.validation import humane_errors
 
 TRAIN_REWARD = "train_reward"
 
@@ -213,15 +214,7 @@ def _parse(model: type[M], raw: dict[str, Any]) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise SpecError(_message(error)) from error
-
-
-def _message(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "config"
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
+        raise SpecError(humane_errors(error)) from error
 
 
 def parse_reward_spec(raw: dict[str, Any]) -> RewardJobSpec:

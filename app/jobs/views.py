@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import RedirectResponse, Response
@@ -38,6 +38,7 @@ from app.jobs.specs import (
 )
 from app.loop.audits import win_rates
 from app.loop.models import LoopIteration, PolicyLoop
+from app.validation import humane_errors
 from app.web import (
     CurrentPrincipal,
     DbSession,
@@ -299,20 +300,13 @@ def queue_from_form(
         job = form.queue(db, form.spec.model_validate(raw), actor_id=principal.user.id)
     except (SpecError, ValueError) as error:
         db.rollback()
-        message = str(error) if isinstance(error, SpecError) else _first_errors(error)
+        message = humane_errors(error) if isinstance(error, ValidationError) else str(error)
         sent = (form.defaults() if form.refill else {}) | raw | raw.get("training", {})
         context = form.context(db, sent, message)
         return render(request, form.template, context, status_code=422, db=db)
     flash(db, principal, f"Job #{job.id} is queued: a worker (`prefloop worker`) will {form.what}.")
     db.commit()
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
-
-
-def _first_errors(error: Exception) -> str:
-    errors = getattr(error, "errors", None)
-    if not callable(errors):
-        return str(error)
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors())
 
 
 def add_form(form: JobForm, *, new: str, create: str) -> None:
@@ -826,7 +820,7 @@ def _generate(request: Request, db: Any, principal: Any, form: dict[str, str]) -
         job, queued = queue_unless_waiting(db, principal, spec)
     except (SpecError, ValueError) as error:
         db.rollback()
-        message = str(error) if isinstance(error, SpecError) else _first_errors(error)
+        message = humane_errors(error) if isinstance(error, ValidationError) else str(error)
         context = generate_context(db, form, message)
         return render(request, GENERATE_TEMPLATE, context, status_code=422, db=db)
     if not queued:

@@ -8,8 +8,10 @@ database session is synchronous), then the request commits once.
 
 from __future__ import annotations
 
+import gzip
 import tempfile
-from typing import Annotated, Any, BinaryIO
+import zlib
+from typing import Annotated, Any, BinaryIO, cast
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -46,6 +48,44 @@ from app.web import (
 router = APIRouter(dependencies=[Depends(require_roles(Role.admin))])
 
 SPOOL_BYTES = 8 << 20  # request bodies up to this size stay in memory, larger ones go to disk
+GZIP_MAGIC = b"\x1f\x8b"
+# A few KiB of gzip can unpack to gigabytes: an upload may unpack to this much and no more
+# (JSON Lines of text compress about 5-10x; this leaves room for more).
+MAX_INFLATED_BYTES = 16 << 30
+
+
+class _InflatedTooLarge(Exception):
+    pass
+
+
+class _Gunzipped:
+    """The lines of a gzip stream, refusing to unpack more than MAX_INFLATED_BYTES. The
+    importer only calls readline()."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._gzip = gzip.GzipFile(fileobj=raw, mode="rb")  # a spooled file says "w+b"
+        self._left = MAX_INFLATED_BYTES
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self._gzip.readline(size)
+        self._left -= len(line)
+        if self._left < 0:
+            raise _InflatedTooLarge()
+        return line
+
+
+def _unpacked(stream: BinaryIO) -> BinaryIO:
+    """The stream itself, or its unpacked lines when it is gzip (known by its first bytes,
+    whatever the file is called). Uploads are spooled, so peeking and seeking back is free."""
+    head = stream.read(2)
+    stream.seek(0)
+    return cast(BinaryIO, _Gunzipped(stream)) if head == GZIP_MAGIC else stream
+
+
+def _unreadable(message: str) -> ImportRejected:
+    return ImportRejected([LineError(line=None, message=message)], more=0, lines=0)
+
+
 TRUE_VALUES = {"1", "true", "on", "yes"}
 
 
@@ -117,12 +157,13 @@ def _run(
     ip: str,
     kind: str | None = None,
 ) -> ImportResult | ImportRejected:
-    """The import and its commit, in a worker thread; a rejected file is returned, not raised."""
+    """The import and its commit, in a worker thread; a rejected file is returned, not raised.
+    A gzip file (.jsonl.gz, .csv.gz) is unpacked on the fly, as the CLI does."""
     try:
         result = import_stream(
             db,
             campaign,
-            stream,
+            _unpacked(stream),
             file_name=file_name,
             fmt=fmt,
             as_judged=as_judged,
@@ -134,6 +175,12 @@ def _run(
     except ImportRejected as exc:
         db.rollback()
         return exc
+    except (OSError, EOFError, zlib.error):  # a truncated or corrupt .gz file
+        db.rollback()
+        return _unreadable("the file is not a readable gzip file (truncated or corrupt?)")
+    except _InflatedTooLarge:
+        db.rollback()
+        return _unreadable(f"the file unpacks to more than {MAX_INFLATED_BYTES >> 30} GiB")
     db.commit()
     return result
 

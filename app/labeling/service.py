@@ -38,6 +38,7 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    or_,
     select,
     text,
     true,
@@ -921,7 +922,7 @@ def active_campaigns(db: Session) -> list[Campaign]:
 class Progress:
     today: int
     total: int
-    available: int  # tasks this labeler could still be served
+    available: int  # tasks this labeler could still be served, the one leased to them included
 
 
 def progress(db: Session, *, user_id: int, campaign_ids: list[int], now: dt.datetime | None = None):
@@ -945,6 +946,15 @@ def progress(db: Session, *, user_id: int, campaign_ids: list[int], now: dt.date
         )
     }
     seen = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user_id)
+    # The task leased to them now is still waiting for them: without it the queue and the
+    # task page (which holds the lease) would disagree by one.
+    leased_now = exists().where(
+        Assignment.task_id == Task.id,
+        Assignment.user_id == user_id,
+        Assignment.state == AssignmentState.active,
+        Assignment.lease_expires_at > now,
+        Assignment.is_recheck.is_(False),
+    )
     available = dict(
         db.execute(
             select(Task.campaign_id, func.count())
@@ -952,8 +962,7 @@ def progress(db: Session, *, user_id: int, campaign_ids: list[int], now: dt.date
                 Task.campaign_id.in_(campaign_ids),
                 Task.status == TaskStatus.open,
                 Task.is_gold.is_(False),
-                Task.assigned_count < Task.required_judgments,
-                ~seen,
+                or_(and_(Task.assigned_count < Task.required_judgments, ~seen), leased_now),
             )
             .group_by(Task.campaign_id)
         )

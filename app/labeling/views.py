@@ -24,6 +24,7 @@ from app.labeling import service
 from app.labeling.models import Completion, Judgment, Prompt, Task
 from app.labeling.schemas import SKIP_REASONS, STRENGTH_LABELS, EditIn, JudgmentIn
 from app.rendering import render_markdown
+from app.validation import humane_errors
 from app.web import (
     CurrentPrincipal,
     CurrentUser,
@@ -83,9 +84,7 @@ def _refused(exc: service.LabelingError) -> HTTPException:
 
 
 def _invalid(exc: ValidationError) -> HTTPException:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first.get("loc", ()))
-    return HTTPException(422, f"{where}: {first['msg']}" if where else first["msg"])
+    return HTTPException(422, humane_errors(exc))
 
 
 def _task_context(db: Session, served: service.ServedTask, user: User) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from app.jobs import service as jobs
 from app.jobs.models import Job, JobState, ModelKind, ModelVersion
 from app.labeling.models import Comparison, ComparisonSource
 from app.loop.models import LoopIteration, LoopState, PolicyLoop, Stage
+from app.validation import humane_errors
 
 ALGORITHMS = ("ppo", "dpo", "rloo")
 OPEN_STAGES = (Stage.reward, Stage.policy, Stage.generate)
@@ -71,7 +72,7 @@ def parse_config(raw: dict[str, Any]) -> LoopConfig:
     try:
         return LoopConfig.model_validate(raw)
     except ValidationError as error:
-        raise LoopError(specs._message(error)) from error
+        raise LoopError(humane_errors(error)) from error
 
 
 # --- the step specs ------------------------------------------------------------------------
