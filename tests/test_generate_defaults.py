@@ -344,3 +344,24 @@ def test_jobs_and_models_pages_share_their_breadcrumbs(client, as_role, db):
     for url, rest in expected.items():
         crumb = re.search(r'class="breadcrumb">(.*?)</p>', client.get(url).text).group(1)
         assert crumb == f'<a href="/research">Research</a> / {rest}', url
+
+
+def test_choosing_another_version_refills_the_form_from_it(client, as_role, db):
+    """htmx, HX-Target generate-panel: the whole form again, filled in from the version the
+    select now names (its run's sampling settings and links), with a CSRF token to post."""
+    campaign = make_campaign(db, slug="gen-refill", k=2, mode=CampaignMode.pairwise)
+    base = version(db, "refill-base", algorithm="base")
+    reward = version(db, "refill-rm", ModelKind.reward, algorithm="reward")
+    ppo = ppo_version(db, campaign, base, reward)
+    db.commit()
+    as_role("researcher")
+    headers = {"HX-Request": "true", "HX-Target": "generate-panel"}
+    panel = client.get(f"/generate?campaign={campaign.slug}&model_id={ppo.id}", headers=headers)
+    assert panel.status_code == 200 and "<html" not in panel.text
+    assert panel.text.startswith('<div id="generate-panel">')
+    assert f'value="{reward.id}" selected' in select_of(panel.text, "reward_model_id")
+    assert f'value="{base.id}" selected' in select_of(panel.text, "audit_against_id")
+    assert 'name="temperature" type="number" step="any" value="0.7"' in panel.text
+    assert 'name="csrf_token"' in panel.text and "autofocus" in select_of(panel.text, "model")
+    plain = client.get(f"/generate?campaign={campaign.slug}&model_id={base.id}", headers=headers)
+    assert f'value="{reward.id}" selected' not in select_of(plain.text, "reward_model_id")

@@ -1,6 +1,7 @@
 """The jobs pages' scripts in a real browser: the metric charts step in whole steps, label a
 learning rate compactly and keep the generation job's rate apart from its counts; cancelling a
-running job asks first; the generate form's count follows the campaign select (htmx)."""
+running job asks first; the generate form's count follows the campaign select, and choosing
+another version refills the form from it (htmx)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,16 @@ def seed(server: LiveServer, slug: str) -> dict[str, int]:
         policy = ModelVersion(name=f"{slug}-p", kind=ModelKind.policy, path="org/p", metrics={})
         db.add(policy)
         db.flush()
+        tuned = ModelVersion(  # a PPO version: the form samples it as its run did
+            name=f"{slug}-ppo",
+            kind=ModelKind.policy,
+            path="org/ppo",
+            algorithm="ppo",
+            parent_id=policy.id,
+            metrics={"training": {"config": {"temperature": 0.3, "max_new_tokens": 12}}},
+        )
+        db.add(tuned)
+        db.flush()
         job = registry.queue_generation(
             db, GenerateJobSpec(campaign=slug, model_id=policy.id), actor_id=None
         )
@@ -51,7 +62,7 @@ def seed(server: LiveServer, slug: str) -> dict[str, int]:
         rows += [("generate/tasks_created", step, 8.0 * step) for step in (1, 2, 3)]
         db.add_all(JobMetric(job_id=job.id, name=n, step=s, value=v) for n, s, v in rows)
         db.commit()
-        return {"job": job.id, "policy": policy.id, "campaign": campaign.id}
+        return {"job": job.id, "policy": policy.id, "tuned": tuned.id, "campaign": campaign.id}
 
 
 def test_charts_cancel_and_the_generate_count(server: LiveServer, browsing: Browsing) -> None:
@@ -95,3 +106,11 @@ def test_charts_cancel_and_the_generate_count(server: LiveServer, browsing: Brow
     page.locator("#g-campaign").select_option("ux-browser-other")
     page.locator("#generate-due", has_text="ux-browser-other").wait_for()
     assert "<strong>2</strong>" in page.locator("#generate-due").inner_html()
+
+    # Choosing another version refills the form from it; the swapped-in selects still work.
+    page.locator("#g-model").select_option(str(ids["tuned"]))
+    page.locator("#g-temperature[value='0.3']").wait_for()
+    assert page.locator("#g-audit_against_id").input_value() == str(ids["policy"])
+    assert page.locator("#g-campaign").input_value() == "ux-browser-other"
+    page.locator("#g-campaign").select_option("ux-browser")
+    page.locator("#generate-due", has_text="ux-browser").filter(has_not_text="other").wait_for()

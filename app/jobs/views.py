@@ -747,8 +747,9 @@ def generate_form(
 ) -> Response:
     """The form that queues a generation job: a campaign, a policy version or an endpoint,
     and how to sample; `?model=ID` fills in that version's campaign, sampling settings and
-    links (reward model, reference, audits). htmx: the count of prompts that lack
-    completions, for the campaign and model chosen (`model_id`, `source`: the form's)."""
+    links (reward model, reference, audits). htmx, for the selects (`model_id`, `source`:
+    the form's): the count of prompts that lack completions, or with `HX-Target:
+    generate-panel` the whole form refilled from the chosen version."""
     chosen = model or _number(model_id)
     version = db.get(ModelVersion, chosen) if chosen else None
     if version is not None and campaign is None and version.campaign_id:
@@ -760,13 +761,17 @@ def generate_form(
         if version is None and (policies := registry.list_versions(db, kind="policy")):
             version, chosen = policies[0], policies[0].id
     form = generate_defaults(campaign, chosen) | {"source": source or "model"}
-    if is_htmx(request):
+    panel = is_htmx(request) and request.headers.get("hx-target") == "generate-panel"
+    if is_htmx(request) and not panel:
         return render_block(request, GENERATE_TEMPLATE, "due", generate_context(db, form))
     found = campaigns.get_by_slug(db, campaign or "")
     if version is not None and version.kind == ModelKind.policy and found is not None:
         # A loop's generate options that no longer pass leave the plain defaults.
         with contextlib.suppress(SpecError):
             form |= generation.form_defaults(db, version, found)
+    if panel:
+        context = generate_context(db, form) | {"refilled": True}
+        return render_block(request, GENERATE_TEMPLATE, "panel", context)
     return render(request, GENERATE_TEMPLATE, generate_context(db, form), db=db)
 
 
