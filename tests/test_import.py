@@ -718,3 +718,16 @@ def test_prefloop_import_end_to_end(fresh_database_url: str, tmp_path: Path) -> 
     ]
     assert "no campaign 'nope'" in one_error_line(unknown)
     assert _counts(fresh_database_url) == (4, 3, 1)  # the bad file added nothing
+
+
+def test_blank_lines_before_the_first_row_keep_the_line_numbers():
+    """The blank lines before the first row are counted, not held (a file of newlines would
+    fill memory), and the rows after them keep their line numbers."""
+    from app.labeling.importer import read_records
+
+    rows = list(read_records(io.BytesIO(b"\n  \n\n" + b'{"prompt": "a"}\n{broken\n')))
+    assert [number for number, _ in rows] == [4, 5]
+    assert rows[0][1] == {"prompt": "a"} and isinstance(rows[1][1], Exception)
+    csv_rows = list(read_records(io.BytesIO(b"\n\nprompt,completion_1\nhi,there\n")))
+    assert [number for number, _ in csv_rows] == [4]
+    assert list(read_records(io.BytesIO(b"\n" * 100_000))) == []

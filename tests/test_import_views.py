@@ -182,6 +182,31 @@ def test_upload_of_a_gzipped_file_is_unpacked(client: TestClient, as_role, db: S
     assert count(db, Task) == 3
 
 
+def test_a_gzip_upload_unpacks_to_no_more_than_the_upload_limit(
+    client: TestClient, as_role, db: Session, monkeypatch
+) -> None:
+    """A few KiB of gzip can hold gigabytes: past the upload limit it is refused whole."""
+    make_campaign(db)
+    csrf = as_role("admin")
+    monkeypatch.setattr(client.app.state.settings, "max_upload_bytes", 64 << 10)
+    bomb = gzip.compress(b"\n" * (4 << 20) + BODY)  # 4 MiB of newlines first: ~4 KiB packed
+    assert len(bomb) < 16 << 10
+    form = {"campaign": "web-imports", "format": "auto", "csrf_token": csrf}
+    refused = client.post(
+        "/admin/imports", data=form, files={"file": ("bomb.jsonl.gz", bomb, "application/gzip")}
+    )
+    assert refused.status_code == 422
+    assert (
+        "unpacks to more than the upload limit (PREFLOOP_MAX_UPLOAD_BYTES = 65,536" in refused.text
+    )
+    assert count(db, Prompt) == 0
+    small = gzip.compress(b"\n" * 100 + BODY)  # leading blank lines are fine under the limit
+    done = client.post(
+        "/admin/imports", data=form, files={"file": ("ok.jsonl.gz", small, "application/gzip")}
+    )
+    assert done.status_code == 200 and count(db, Prompt) == 2
+
+
 # --- the API --------------------------------------------------------------------------------
 
 

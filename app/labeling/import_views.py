@@ -49,9 +49,6 @@ router = APIRouter(dependencies=[Depends(require_roles(Role.admin))])
 
 SPOOL_BYTES = 8 << 20  # request bodies up to this size stay in memory, larger ones go to disk
 GZIP_MAGIC = b"\x1f\x8b"
-# A few KiB of gzip can unpack to gigabytes: an upload may unpack to this much and no more
-# (JSON Lines of text compress about 5-10x; this leaves room for more).
-MAX_INFLATED_BYTES = 16 << 30
 
 
 class _InflatedTooLarge(Exception):
@@ -59,12 +56,12 @@ class _InflatedTooLarge(Exception):
 
 
 class _Gunzipped:
-    """The lines of a gzip stream, refusing to unpack more than MAX_INFLATED_BYTES. The
-    importer only calls readline()."""
+    """The lines of a gzip stream, refusing to unpack more than `limit` bytes (a few KiB of
+    gzip can unpack to gigabytes). The importer only calls readline()."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, limit: int) -> None:
         self._gzip = gzip.GzipFile(fileobj=raw, mode="rb")  # a spooled file says "w+b"
-        self._left = MAX_INFLATED_BYTES
+        self._left = limit
 
     def readline(self, size: int = -1) -> bytes:
         line = self._gzip.readline(size)
@@ -74,12 +71,12 @@ class _Gunzipped:
         return line
 
 
-def _unpacked(stream: BinaryIO) -> BinaryIO:
+def _unpacked(stream: BinaryIO, limit: int) -> BinaryIO:
     """The stream itself, or its unpacked lines when it is gzip (known by its first bytes,
     whatever the file is called). Uploads are spooled, so peeking and seeking back is free."""
     head = stream.read(2)
     stream.seek(0)
-    return cast(BinaryIO, _Gunzipped(stream)) if head == GZIP_MAGIC else stream
+    return cast(BinaryIO, _Gunzipped(stream, limit)) if head == GZIP_MAGIC else stream
 
 
 def _unreadable(message: str) -> ImportRejected:
@@ -155,15 +152,17 @@ def _run(
     skip_invalid: bool,
     actor_id: int,
     ip: str,
+    max_bytes: int,
     kind: str | None = None,
 ) -> ImportResult | ImportRejected:
     """The import and its commit, in a worker thread; a rejected file is returned, not raised.
-    A gzip file (.jsonl.gz, .csv.gz) is unpacked on the fly, as the CLI does."""
+    A gzip file (.jsonl.gz, .csv.gz) is unpacked on the fly, as the CLI does, to at most
+    `max_bytes` (the upload limit: gzip is no way around it)."""
     try:
         result = import_stream(
             db,
             campaign,
-            _unpacked(stream),
+            _unpacked(stream, max_bytes),
             file_name=file_name,
             fmt=fmt,
             as_judged=as_judged,
@@ -180,7 +179,10 @@ def _run(
         return _unreadable("the file is not a readable gzip file (truncated or corrupt?)")
     except _InflatedTooLarge:
         db.rollback()
-        return _unreadable(f"the file unpacks to more than {MAX_INFLATED_BYTES >> 30} GiB")
+        return _unreadable(
+            f"the file unpacks to more than the upload limit "
+            f"(PREFLOOP_MAX_UPLOAD_BYTES = {max_bytes:,} bytes)"
+        )
     db.commit()
     return result
 
@@ -222,6 +224,7 @@ def _upload(request: Request, db: Session, principal: Principal, data: FormData)
         skip_invalid=form["skip_invalid"],
         actor_id=principal.user.id,
         ip=client_ip(request),
+        max_bytes=request.app.state.settings.max_upload_bytes,
     )
     if isinstance(outcome, ImportRejected):
         return _page(
@@ -393,6 +396,7 @@ async def api_import(
             skip_invalid=skip_invalid,
             actor_id=principal.user.id,
             ip=client_ip(request),
+            max_bytes=request.app.state.settings.max_upload_bytes,
             kind=kind,
         )
     finally:

@@ -688,20 +688,24 @@ def read_records(stream: BinaryIO, kind: str | None = None) -> Iterator[tuple[in
     """(line number, decoded object or RowError) per data line. `kind` is "jsonl" or
     "csv"; without it, JSON Lines when the first non-blank character is `{` or `[`."""
     lines = _physical_lines(stream)
-    first: list[tuple[int, bytes | None]] = []
+    # The first non-blank line tells the kind; the blank ones before it are only counted
+    # (kept, a file of newlines would fill memory) and given back as bare newlines.
+    first: tuple[int, bytes | None] | None = None
     for number, raw in lines:
-        first.append((number, raw))
+        first = (number, raw)
         if raw is None or raw.strip():
             break
-    if not first or (first[-1][1] is not None and not first[-1][1].strip()):
+    if first is None or (first[1] is not None and not first[1].strip()):
         return
+    opening: tuple[int, bytes | None] = first
     if kind is None:
-        head = (first[-1][1] or b"{").lstrip()
+        head = (opening[1] or b"{").lstrip()
         kind = "jsonl" if head[:1] in (b"{", b"[") else "csv"
     source = _json_records if kind == "jsonl" else _csv_records
 
     def chained() -> Iterator[tuple[int, bytes | None]]:
-        yield from first
+        yield from ((number, b"\n") for number in range(1, opening[0]))
+        yield opening
         yield from lines
 
     yield from source(chained())
