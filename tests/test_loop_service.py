@@ -395,6 +395,7 @@ def test_sample_stats_count_every_sample_and_average_the_newest(db, monkeypatch)
     from app.loop import lineage
 
     monkeypatch.setattr(lineage, "SAMPLES_PER_VERSION", 3)
+    monkeypatch.setattr(lineage, "UNION_CHUNK", 1)  # a statement per version: chunks join up
     campaign = make_campaign(db, slug="stats", k=5, overlap=1)
     base, rm = _versions(db)
     child = ModelVersion(name="child", kind=ModelKind.policy, path="models/c", parent_id=base.id)
@@ -428,8 +429,21 @@ def test_a_warm_start_counts_only_what_its_reward_model_has_not_seen(db):
     base, rm = _versions(db)
     _comparisons(db, campaign, 4)
     seen = db.scalar(select(func.max(Comparison.id)))
-    rm.metrics = {**rm.metrics, "data": {"export_parameters": {"as_of": {"comparison_id": seen}}}}
+    exported = {"campaigns": ["loop-seen"], "as_of": {"comparison_id": seen}}
+    elsewhere = ModelVersion(
+        name="rm of another campaign",
+        kind=ModelKind.reward,
+        path="models/other",
+        metrics={"data": {"export_parameters": {**exported, "campaigns": ["other"]}}},
+    )
+    rm.metrics = {**rm.metrics, "data": {"export_parameters": exported}}
+    db.add(elsewhere)
     db.flush()
+    # A model trained on another campaign has seen none of this one's comparisons.
+    other_loop = loops.configure(
+        db, make_campaign(db, slug="loop-unseen", k=2), _config(base, elsewhere), actor_id=None
+    )
+    assert other_loop.comparison_mark == 0
     loop = loops.configure(db, campaign, _config(base, rm), actor_id=None)
     assert loop.comparison_mark == seen
     assert loops.tick(db) == []  # the 4 it was trained on are not new

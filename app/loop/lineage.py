@@ -4,10 +4,11 @@ reference, response length) beside what people say (the win rate against its par
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, union_all
 from sqlalchemy.orm import Session
 
 from app.jobs.models import ModelKind, ModelVersion
@@ -16,6 +17,7 @@ from app.loop.audits import WinRate, win_rates
 
 # Samples read per version for its means: the newest ones.
 SAMPLES_PER_VERSION = 2_000
+UNION_CHUNK = 100
 VERSIONS_LIMIT = 500
 
 
@@ -83,35 +85,55 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _newest_samples(db: Session, model_ids: list[int]) -> Iterator[Any]:
+    """(model id, text length, generation params) of each version's newest
+    SAMPLES_PER_VERSION completions, oldest first: an index range per version, a statement
+    per UNION_CHUNK versions (SQLite allows 500 terms in a compound select)."""
+    for start in range(0, len(model_ids), UNION_CHUNK):
+        parts = []
+        for model_id in model_ids[start : start + UNION_CHUNK]:
+            newest = (
+                select(
+                    Completion.id,
+                    Completion.model_version_id,
+                    func.length(Completion.text).label("length"),
+                    Completion.generation_params,
+                )
+                .where(Completion.model_version_id == model_id)
+                .order_by(Completion.id.desc())
+                .limit(SAMPLES_PER_VERSION)
+                .subquery()
+            )
+            parts.append(select(*newest.c))
+        everything = union_all(*parts).subquery()
+        yield from db.execute(
+            select(
+                everything.c.model_version_id,
+                everything.c.length,
+                everything.c.generation_params,
+            ).order_by(everything.c.id)
+        )
+
+
 def sample_stats(db: Session, model_ids: list[int]) -> dict[int, SampleStats]:
     """Per version: how many completions it wrote, and the means over the newest
-    SAMPLES_PER_VERSION of what was measured on them (one query for every version)."""
+    SAMPLES_PER_VERSION of what was measured on them."""
     out = {model_id: SampleStats() for model_id in model_ids}
     if not model_ids:
         return out
-    by_version = {"partition_by": Completion.model_version_id}
-    ranked = (
-        select(
-            Completion.model_version_id.label("model_id"),
-            func.length(Completion.text).label("length"),
-            Completion.generation_params.label("params"),
-            func.count().over(**by_version).label("samples"),
-            func.row_number().over(**by_version, order_by=Completion.id.desc()).label("newest"),
-        )
+    counts = db.execute(
+        select(Completion.model_version_id, func.count(Completion.id))
         .where(Completion.model_version_id.in_(model_ids))
-        .subquery()
+        .group_by(Completion.model_version_id)
     )
-    rows = db.execute(
-        select(ranked.c.model_id, ranked.c.samples, ranked.c.length, ranked.c.params).where(
-            ranked.c.newest <= SAMPLES_PER_VERSION
-        )
-    )
+    for model_id, count in counts:
+        out[model_id].samples = int(count)
     measured: dict[int, dict[str, list[float]]] = {}
     reward_models: dict[int, set[int]] = {}
-    for model_id, samples, length, params in rows:
+    written = [model_id for model_id in model_ids if out[model_id].samples]
+    for model_id, length, params in _newest_samples(db, written):
         params = params or {}
         stats = out[model_id]
-        stats.samples = int(samples)
         values = measured.setdefault(
             model_id, {"reward": [], "kl": [], "tokens": [], "characters": []}
         )
@@ -122,6 +144,7 @@ def sample_stats(db: Session, model_ids: list[int]) -> dict[int, SampleStats]:
                 reward_models.setdefault(model_id, set()).add(int(params["reward_model_id"]))
         if params.get("log_ratio") is not None:
             values["kl"].append(float(params["log_ratio"]))
+            # oldest first: the newest sample's reference is the one kept
             stats.reference_id = params.get("reference_id") or stats.reference_id
         if params.get("tokens") is not None:
             values["tokens"].append(float(params["tokens"]))

@@ -186,7 +186,7 @@ def configure(
     if before is None or config.reward_model_id != before["reward_model_id"]:
         loop.reward_model_id = config.reward_model_id
         # What the chosen reward model already learned from is not new: count from there.
-        loop.comparison_mark = max(loop.comparison_mark or 0, trained_through(start))
+        loop.comparison_mark = max(loop.comparison_mark or 0, trained_through(start, campaign))
     loop.algorithm = config.algorithm
     loop.reward_backbone = (config.reward_backbone or "").strip() or None
     loop.min_new_comparisons = config.min_new_comparisons
@@ -339,12 +339,16 @@ def current_job(db: Session, iteration: LoopIteration) -> Job | None:
     return db.get(Job, job_id) if job_id else None
 
 
-def trained_through(model: ModelVersion | None) -> int:
-    """The newest comparison id a reward model version was trained on: its export's as_of
-    mark (0 where none is recorded, as for a registered or imported model)."""
+def trained_through(model: ModelVersion | None, campaign: Campaign) -> int:
+    """The newest comparison id of `campaign` a reward model version was trained on: its
+    export's as_of mark, when that export read this campaign (the mark is global, and a
+    model trained on another campaign has seen none of this one's); 0 where nothing is
+    recorded, as for a registered or imported model."""
     data = ((model.metrics or {}).get("data") or {}) if model is not None else {}
-    as_of = (data.get("export_parameters") or {}).get("as_of") or {}
-    return int(as_of.get("comparison_id") or 0)
+    params = data.get("export_parameters") or {}
+    if campaign.slug not in (params.get("campaigns") or []):
+        return 0
+    return int((params.get("as_of") or {}).get("comparison_id") or 0)
 
 
 def human_comparisons_after(db: Session, campaign_id: int, mark: int) -> tuple[int, int]:
