@@ -71,6 +71,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 JSONType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 # 64-bit ids on PostgreSQL; SQLite only auto-increments a column declared INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+MAX_ID = 2**63 - 1  # the largest id either database stores: a bigger one names no row
 
 IdPK = Annotated[int, mapped_column(BigId, primary_key=True)]
 CreatedAt = Annotated[dt.datetime, mapped_column(UTCDateTime(), default=utcnow, nullable=False)]

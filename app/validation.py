@@ -1,6 +1,7 @@
 """Pydantic's validation errors in words for a person: what every form, spec and import
 shows ("training.epochs: Input should be greater than or equal to 1", "campaigns: choose at
-least one", "unknown option colour"). The message never echoes the input."""
+least one", "unknown option colour"). A message may name what was sent (an unknown key,
+a validator's own words), so it is text to escape wherever it is shown, never markup."""
 
 from __future__ import annotations
 

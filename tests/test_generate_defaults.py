@@ -365,3 +365,19 @@ def test_choosing_another_version_refills_the_form_from_it(client, as_role, db):
     assert 'name="csrf_token"' in panel.text and "autofocus" in select_of(panel.text, "model")
     plain = client.get(f"/generate?campaign={campaign.slug}&model_id={base.id}", headers=headers)
     assert f'value="{reward.id}" selected' not in select_of(plain.text, "reward_model_id")
+
+
+def test_odd_ids_in_the_query_are_refused_or_ignored_not_a_server_error(client, as_role):
+    as_role("researcher")
+    too_big = str(2**64)
+    for url in (
+        f"/generate?model={too_big}",
+        f"/jobs/new/ppo?policy={too_big}",
+        f"/jobs/new/sft?model={too_big}",
+        f"/jobs/new/rloo?reward={too_big}",
+    ):
+        assert client.get(url).status_code == 422, url
+    # The selects' own field: anything but a plain id is no choice at all.
+    for value in ("%C2%B2", too_big, "-3", "abc"):
+        page = client.get(f"/generate?model_id={value}", headers={"HX-Request": "true"})
+        assert page.status_code == 200, value

@@ -23,7 +23,7 @@ from app.auth.models import Role, User
 from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign
 from app.config import Settings
-from app.db import Database
+from app.db import MAX_ID, Database
 from app.exports import feed
 from app.exports import service as exports
 from app.exports.models import ExportSnapshot
@@ -217,7 +217,7 @@ def list_exports(
     db: DbSession,
     limit: Annotated[int, Query(ge=1, le=200)] = LIST_LIMIT,
     before: Annotated[
-        int | None, Query(ge=1, description="Only snapshots with a lower id.")
+        int | None, Query(ge=1, le=MAX_ID, description="Only snapshots with a lower id.")
     ] = None,
 ) -> dict[str, Any]:
     """Snapshots, newest first; pass `next_before` as `before` for the next page."""

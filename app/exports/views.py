@@ -16,6 +16,7 @@ from starlette.responses import RedirectResponse, Response
 
 from app.auth.models import Role
 from app.campaigns import service as campaigns_service
+from app.db import MAX_ID
 from app.exports import api
 from app.exports.models import ExportSnapshot
 from app.exports.schemas import ExportError, ExportParams
@@ -123,7 +124,7 @@ def list_context(
 def exports_page(
     request: Request,
     db: DbSession,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> Response:
     """The form to create a snapshot and the list of snapshots, newest first."""
     return render(request, LIST_TEMPLATE, list_context(db, before=before), db=db)

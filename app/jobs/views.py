@@ -22,6 +22,7 @@ from starlette.responses import RedirectResponse, Response
 from app.auth.models import Role
 from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign
+from app.db import MAX_ID
 from app.jobs import api, generation, registry, training
 from app.jobs import service as jobs
 from app.jobs.models import Job, JobState, ModelKind, ModelVersion
@@ -145,8 +146,8 @@ def campaign_query(campaign: Annotated[str | None, Query()] = None) -> dict[str,
 
 
 def policy_query(
-    policy: Annotated[int | None, Query(ge=1)] = None,
-    reward: Annotated[int | None, Query(ge=1)] = None,
+    policy: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    reward: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     campaign: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
     """`?policy=ID&reward=ID&campaign=SLUG`: the policy version PPO or RLOO starts from, the
@@ -155,7 +156,7 @@ def policy_query(
 
 
 def model_query(
-    model: Annotated[int | None, Query(ge=1)] = None,
+    model: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     campaign: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
     """`?model=ID&campaign=SLUG`: the policy version SFT or DPO starts from, a campaign."""
@@ -620,7 +621,7 @@ def model_page(
     model_id: int,
     request: Request,
     db: DbSession,
-    task: Annotated[int | None, Query(ge=1)] = None,
+    task: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> Response:
     """A model version: how it was trained and on what, its evaluation beside the labelers'
     own agreement, and its ranking of held-out tasks beside the humans'."""
@@ -733,7 +734,11 @@ def generate_context(db: Any, form: dict[str, Any], error: str | None = None) ->
 
 
 def _number(text: str | None) -> int | None:
-    return int(text) if text and text.strip().isdigit() and int(text) > 0 else None
+    """A row id from a form field's text, or None (ASCII digits only: "²" is a digit too)."""
+    digits = (text or "").strip()
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    return int(digits) if 0 < int(digits) <= MAX_ID else None
 
 
 @router.get("/generate")
@@ -741,7 +746,7 @@ def generate_form(
     request: Request,
     db: DbSession,
     campaign: Annotated[str | None, Query()] = None,
-    model: Annotated[int | None, Query(ge=1)] = None,
+    model: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     model_id: Annotated[str | None, Query()] = None,
     source: Annotated[str | None, Query()] = None,
 ) -> Response:
