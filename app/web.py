@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 from sqlalchemy.orm import Session
@@ -25,6 +25,7 @@ from app import __version__
 from app.auth import service as auth_service
 from app.auth.models import Role, User, UserSession
 from app.config import PROJECT_ROOT, Settings
+from app.db import MAX_ID
 
 ROOT = PROJECT_ROOT
 SESSION_COOKIE = "prefloop_session"
@@ -32,6 +33,9 @@ LOGIN_CSRF_COOKIE = "prefloop_login_csrf"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+# A row id in a route's path: one no database could hold is refused (422), not sent to it.
+RowId = Annotated[int, Path(ge=0, le=MAX_ID)]
 
 templates = Jinja2Templates(directory=ROOT / "templates")
 templates.env.globals["app_version"] = __version__

@@ -11,7 +11,16 @@ from starlette.responses import RedirectResponse, Response
 from app.auth import service
 from app.auth.models import Role, User
 from app.auth.passwords import PasswordPolicyError, check_password_policy
-from app.web import CurrentPrincipal, DbSession, flash, is_htmx, render, render_block, require_roles
+from app.web import (
+    CurrentPrincipal,
+    DbSession,
+    RowId,
+    flash,
+    is_htmx,
+    render,
+    render_block,
+    require_roles,
+)
 
 router = APIRouter(prefix="/admin/users", dependencies=[Depends(require_roles(Role.admin))])
 
@@ -98,7 +107,7 @@ def set_active(
     request: Request,
     db: DbSession,
     principal: CurrentPrincipal,
-    user_id: int,
+    user_id: RowId,
     active: Annotated[bool, Form()],
 ) -> Response:
     """Disable an account (its sessions end at once) or enable it again.

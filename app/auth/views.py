@@ -20,6 +20,7 @@ from app.web import (
     CurrentUser,
     DbSession,
     OptionalPrincipal,
+    RowId,
     SettingsDep,
     client_ip,
     flash,
@@ -193,7 +194,7 @@ def create_token(
 
 @tokens_router.post("/tokens/{token_id}/revoke")
 def revoke_token(
-    request: Request, db: DbSession, principal: CurrentPrincipal, token_id: int
+    request: Request, db: DbSession, principal: CurrentPrincipal, token_id: RowId
 ) -> Response:
     """Revoke one of your tokens; scripts using it get 401 from now on."""
     if not service.revoke_api_token(db, principal.user, token_id):

@@ -28,7 +28,7 @@ from app.exports import feed
 from app.exports import service as exports
 from app.exports.models import ExportSnapshot
 from app.exports.schemas import ExportError, ExportParams
-from app.web import CurrentPrincipal, DbSession, SettingsDep, require_roles
+from app.web import CurrentPrincipal, DbSession, RowId, SettingsDep, require_roles
 
 log = logging.getLogger("prefloop.exports")
 
@@ -234,14 +234,14 @@ def list_exports(
 
 
 @router.get("/exports/{snapshot_id}")
-def show_export(snapshot_id: int, db: DbSession) -> dict[str, Any]:
+def show_export(snapshot_id: RowId, db: DbSession) -> dict[str, Any]:
     """One snapshot with its manifest: parameters, rows, files and their SHA-256, state."""
     snapshot = get_snapshot(db, snapshot_id)
     return snapshot_json(snapshot, creators(db, [snapshot]).get(snapshot.created_by_id or 0))
 
 
 @router.get("/exports/{snapshot_id}/files/{name}")
-def download_file(snapshot_id: int, name: str, db: DbSession, settings: SettingsDep) -> Response:
+def download_file(snapshot_id: RowId, name: str, db: DbSession, settings: SettingsDep) -> Response:
     """Stream one file of a ready snapshot from disk (409 while it is being built)."""
     path, entry = recorded_file(settings, get_snapshot(db, snapshot_id), name)
     db.close()  # give the connection back before the (possibly slow) download starts

@@ -25,6 +25,7 @@ from app.web import (
     CurrentPrincipal,
     DbSession,
     Principal,
+    RowId,
     flash,
     is_htmx,
     render,
@@ -165,7 +166,7 @@ async def create_export(request: Request, db: DbSession, principal: CurrentPrinc
 
 
 @router.get("/{snapshot_id}")
-def snapshot_page(snapshot_id: int, request: Request, db: DbSession) -> Response:
+def snapshot_page(snapshot_id: RowId, request: Request, db: DbSession) -> Response:
     """One snapshot: its manifest, files and checksums. htmx asks the same URL for the
     snapshot's row in the list (`HX-Target: snapshot-<id>`) or its state box while it is
     built; once it is ready the page reloads itself."""

@@ -29,7 +29,7 @@ from app.jobs.specs import (
     parse_score_spec,
     parse_sft_spec,
 )
-from app.web import CurrentPrincipal, DbSession, SettingsDep, require_roles
+from app.web import CurrentPrincipal, DbSession, RowId, SettingsDep, require_roles
 
 router = APIRouter(
     prefix="/api/v1",
@@ -139,14 +139,14 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}")
-def show_job(job_id: int, db: DbSession) -> dict[str, Any]:
+def show_job(job_id: RowId, db: DbSession) -> dict[str, Any]:
     """One job: state, progress, attempt, error, result, log tail and its model versions."""
     return one_job(db, job_or_404(db, job_id))
 
 
 @router.get("/jobs/{job_id}/metrics")
 def job_metrics(
-    job_id: int,
+    job_id: RowId,
     db: DbSession,
     after: Annotated[int, Query(ge=0, description="Only metrics logged after this cursor.")] = 0,
 ) -> dict[str, Any]:
@@ -175,13 +175,13 @@ def _change(change: Any, job_id: int, db: Any, principal: Any) -> dict[str, Any]
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel_job(job_id: int, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
+def cancel_job(job_id: RowId, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
     """Cancel a waiting job now, or ask a running one to stop at its next heartbeat."""
     return _change(jobs.cancel, job_id, db, principal)
 
 
 @router.post("/jobs/{job_id}/retry")
-def retry_job(job_id: int, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
+def retry_job(job_id: RowId, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
     """Queue a failed, dead or cancelled job again (it resumes from its checkpoint)."""
     return _change(jobs.retry, job_id, db, principal)
 
@@ -196,14 +196,14 @@ def list_models(
 
 
 @router.get("/models/{model_id}")
-def show_model(model_id: int, db: DbSession) -> dict[str, Any]:
+def show_model(model_id: RowId, db: DbSession) -> dict[str, Any]:
     """A model version: where its files are, how it was trained, its evaluation."""
     return training.model_json(model_or_404(db, model_id))
 
 
 @router.post("/models/{model_id}/score", status_code=202)
 def score_with_model(
-    model_id: int, body: ScoreIn, db: DbSession, principal: CurrentPrincipal
+    model_id: RowId, body: ScoreIn, db: DbSession, principal: CurrentPrincipal
 ) -> dict[str, Any]:
     """Queue a `score_reward` job: the model scores the tasks (then
     `GET /models/{id}/tasks/{task_id}` sets them beside the humans') or the prompt's
@@ -219,7 +219,7 @@ def score_with_model(
 
 
 @router.get("/models/{model_id}/tasks/{task_id}")
-def model_task(model_id: int, task_id: int, db: DbSession) -> dict[str, Any]:
+def model_task(model_id: RowId, task_id: RowId, db: DbSession) -> dict[str, Any]:
     """A held-out task the reward model scored: each completion's reward, the model's
     ranking and the labelers' consensus and rankings, side by side."""
     model = model_or_404(db, model_id)

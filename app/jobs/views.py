@@ -43,6 +43,7 @@ from app.validation import humane_errors
 from app.web import (
     CurrentPrincipal,
     DbSession,
+    RowId,
     flash,
     is_htmx,
     render,
@@ -539,7 +540,7 @@ def loop_step_of(db: Any, job: Job) -> dict[str, Any] | None:
 
 
 @router.get("/jobs/{job_id}")
-def job_page(job_id: int, request: Request, db: DbSession) -> Response:
+def job_page(job_id: RowId, request: Request, db: DbSession) -> Response:
     """A job: its state and progress, the live charts of its metrics, the log tail, the
     model versions it produced. htmx: `HX-Target: job-<id>` is its row in the list, anything
     else its status panel."""
@@ -576,7 +577,7 @@ def _change(request: Request, db: Any, principal: Any, job_id: int, action: str)
 
 @router.post("/jobs/{job_id}/cancel")
 def cancel_job(
-    job_id: int, request: Request, db: DbSession, principal: CurrentPrincipal
+    job_id: RowId, request: Request, db: DbSession, principal: CurrentPrincipal
 ) -> Response:
     """Cancel a waiting job, or ask a running one to stop at its next heartbeat."""
     return _change(request, db, principal, job_id, "cancel")
@@ -584,7 +585,7 @@ def cancel_job(
 
 @router.post("/jobs/{job_id}/retry")
 def retry_job(
-    job_id: int, request: Request, db: DbSession, principal: CurrentPrincipal
+    job_id: RowId, request: Request, db: DbSession, principal: CurrentPrincipal
 ) -> Response:
     """Queue a failed, dead or cancelled job again; it resumes from its checkpoint."""
     return _change(request, db, principal, job_id, "retry")
@@ -609,7 +610,7 @@ def _score(request: Request, db: Any, principal: Any, model_id: int, raw: str) -
 
 @router.post("/models/{model_id}/score")
 async def score_tasks(
-    model_id: int, request: Request, db: DbSession, principal: CurrentPrincipal
+    model_id: RowId, request: Request, db: DbSession, principal: CurrentPrincipal
 ) -> Response:
     """Queue a job in which the model scores the given tasks; their rankings then show here."""
     raw = str((await request.form()).get("task_ids") or "")
@@ -618,7 +619,7 @@ async def score_tasks(
 
 @router.get("/models/{model_id}")
 def model_page(
-    model_id: int,
+    model_id: RowId,
     request: Request,
     db: DbSession,
     task: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
@@ -876,7 +877,7 @@ def _generate_now(request: Request, db: Any, principal: Any, model_id: int) -> R
 
 @router.post("/models/{model_id}/generate")
 def generate_now(
-    model_id: int, request: Request, db: DbSession, principal: CurrentPrincipal
+    model_id: RowId, request: Request, db: DbSession, principal: CurrentPrincipal
 ) -> Response:
     """One click: a policy version samples completions for its campaign's prompts that lack
     them, as its run sampled, scored and audited as the loop's generate step would (the form

@@ -28,7 +28,7 @@ from app.labeling.schemas import (
     SubmitOut,
     TaskOut,
 )
-from app.web import CurrentUser, DbSession, client_ip, require_roles
+from app.web import CurrentUser, DbSession, RowId, client_ip, require_roles
 
 router = APIRouter(
     prefix="/api/v1", tags=["labeling"], dependencies=[Depends(require_roles(Role.labeler))]
@@ -211,7 +211,7 @@ def history(
 
 
 @router.get("/judgments/{judgment_id}", response_model=JudgmentOut, responses=LABELING_ERRORS)
-def get_judgment(judgment_id: int, db: DbSession, user: CurrentUser) -> JudgmentOut:
+def get_judgment(judgment_id: RowId, db: DbSession, user: CurrentUser) -> JudgmentOut:
     """One of my judgments (any version)."""
     try:
         return judgment_out(db, service.get_judgment(db, user=user, judgment_id=judgment_id))
@@ -226,7 +226,7 @@ def get_judgment(judgment_id: int, db: DbSession, user: CurrentUser) -> Judgment
     responses=LABELING_ERRORS,
 )
 def edit(
-    judgment_id: int, answer: EditIn, request: Request, db: DbSession, user: CurrentUser
+    judgment_id: RowId, answer: EditIn, request: Request, db: DbSession, user: CurrentUser
 ) -> Any:
     """Replace one of my judgments with a new version; the old one stays in the history."""
     try:

@@ -29,6 +29,7 @@ from app.web import (
     CurrentPrincipal,
     CurrentUser,
     DbSession,
+    RowId,
     client_ip,
     flash,
     is_htmx,
@@ -259,7 +260,7 @@ def _edit_context(db: Session, judgment: Judgment, user: User) -> dict[str, Any]
 
 
 @router.get("/label/judgments/{judgment_id}")
-def edit_page(judgment_id: int, request: Request, db: DbSession, user: CurrentUser) -> Response:
+def edit_page(judgment_id: RowId, request: Request, db: DbSession, user: CurrentUser) -> Response:
     """One of my judgments, ready to edit, with its earlier versions."""
     try:
         judgment = service.get_judgment(db, user=user, judgment_id=judgment_id)
@@ -270,7 +271,7 @@ def edit_page(judgment_id: int, request: Request, db: DbSession, user: CurrentUs
 
 @router.post("/label/judgments/{judgment_id}")
 async def save_edit(
-    judgment_id: int,
+    judgment_id: RowId,
     request: Request,
     db: DbSession,
     user: CurrentUser,

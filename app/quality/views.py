@@ -28,6 +28,7 @@ from app.rendering import render_markdown
 from app.web import (
     CurrentPrincipal,
     DbSession,
+    RowId,
     flash,
     is_htmx,
     render,
@@ -310,7 +311,7 @@ def _fail(error: quality.QualityError) -> HTTPException:
 
 
 @router.post("/admin/tasks/{task_id}/send-back")
-def send_task_back(task_id: int, db: DbSession, principal: CurrentPrincipal) -> Response:
+def send_task_back(task_id: RowId, db: DbSession, principal: CurrentPrincipal) -> Response:
     """One more judgment for a disputed task."""
     task = quality.send_back(db, task=_task(db, task_id), actor_id=principal.user.id)
     flash(db, principal, f"Task {task.id} now asks for {task.required_judgments} judgments.")
@@ -333,7 +334,7 @@ def _current_rankings(db: Session, task: Task) -> list[list[list[int]]]:
 
 
 @router.post("/admin/tasks/{task_id}/gold")
-def make_gold(task_id: int, db: DbSession, principal: CurrentPrincipal) -> Response:
+def make_gold(task_id: RowId, db: DbSession, principal: CurrentPrincipal) -> Response:
     """Turn a task into a gold task whose answer is its recorded or computed consensus."""
     task = _task(db, task_id)
     ranking = task.resolved_ranking
@@ -349,7 +350,7 @@ def make_gold(task_id: int, db: DbSession, principal: CurrentPrincipal) -> Respo
 
 
 @router.post("/admin/tasks/{task_id}/ungold")
-def unmake_gold(task_id: int, db: DbSession, principal: CurrentPrincipal) -> Response:
+def unmake_gold(task_id: RowId, db: DbSession, principal: CurrentPrincipal) -> Response:
     """Undo: a gold task becomes a regular task again."""
     task = quality.set_gold(db, task=_task(db, task_id), actor_id=principal.user.id, ranking=None)
     flash(db, principal, f"Task {task.id} is a regular task again.")
@@ -374,7 +375,7 @@ async def _places_form(request: Request, task: Task) -> list[list[int]]:
 
 @router.post("/admin/tasks/{task_id}/resolve")
 async def resolve_task(
-    task_id: int, request: Request, db: DbSession, principal: CurrentPrincipal
+    task_id: RowId, request: Request, db: DbSession, principal: CurrentPrincipal
 ) -> Response:
     """Record the admin's answer for a disputed task; it leaves the queue."""
     task = await run_in_threadpool(_task, db, task_id)
@@ -391,7 +392,7 @@ async def resolve_task(
 
 
 @router.post("/admin/tasks/{task_id}/unresolve")
-def unresolve_task(task_id: int, db: DbSession, principal: CurrentPrincipal) -> Response:
+def unresolve_task(task_id: RowId, db: DbSession, principal: CurrentPrincipal) -> Response:
     """Undo: withdraw the recorded consensus; the task is disputed again."""
     task = quality.resolve(db, task=_task(db, task_id), actor_id=principal.user.id, ranking=None)
     flash(db, principal, f"Task {task.id} has no recorded consensus any more.")
@@ -431,7 +432,7 @@ def change_settings(
 @router.post("/admin/campaigns/{slug}/labelers/{user_id}/exclude")
 def exclude_labeler(
     slug: str,
-    user_id: int,
+    user_id: RowId,
     db: DbSession,
     principal: CurrentPrincipal,
     reason: Annotated[str, Form()] = "",
@@ -460,7 +461,7 @@ def exclude_labeler(
 
 @router.post("/admin/exclusions/{exclusion_id}/lift")
 def lift_exclusion(
-    exclusion_id: int,
+    exclusion_id: RowId,
     db: DbSession,
     principal: CurrentPrincipal,
     next: Annotated[str, Form()] = "/admin/campaigns",
@@ -483,7 +484,7 @@ def lift_exclusion(
 @router.post("/admin/campaigns/{slug}/labelers/{user_id}/active")
 def set_labeler_active(
     slug: str,
-    user_id: int,
+    user_id: RowId,
     db: DbSession,
     principal: CurrentPrincipal,
     active: Annotated[bool, Form()],
@@ -508,7 +509,7 @@ def _user(db: Session, user_id: int) -> User:
 
 
 @router.get("/admin/campaigns/{slug}/labelers/{user_id}")
-def labeler_page(slug: str, user_id: int, request: Request, db: DbSession) -> Response:
+def labeler_page(slug: str, user_id: RowId, request: Request, db: DbSession) -> Response:
     """One labeler in one campaign: their figures beside the campaign's, their latest work,
     and the levers (exclude their judgments, deactivate them)."""
     campaign = _campaign(db, slug)
@@ -542,7 +543,7 @@ def labeler_page(slug: str, user_id: int, request: Request, db: DbSession) -> Re
 
 
 @router.get("/admin/judgments/{judgment_id}")
-def judgment_audit(judgment_id: int, request: Request, db: DbSession) -> Response:
+def judgment_audit(judgment_id: RowId, request: Request, db: DbSession) -> Response:
     """A judgment's history: every version, and the audit events about them (who, when)."""
     judgment = db.get(Judgment, judgment_id)
     if judgment is None:
