@@ -381,3 +381,16 @@ def test_odd_ids_in_the_query_are_refused_or_ignored_not_a_server_error(client, 
     for value in ("%C2%B2", too_big, "-3", "abc"):
         page = client.get(f"/generate?model_id={value}", headers={"HX-Request": "true"})
         assert page.status_code == 200, value
+
+
+def test_a_campaign_alone_preselects_the_newest_policy_trained_on_it(client, as_role, db):
+    ours = make_campaign(db, slug="gen-ours", k=2, mode=CampaignMode.pairwise)
+    theirs = make_campaign(db, slug="gen-theirs", k=2, mode=CampaignMode.pairwise)
+    mine = version(db, "ours-sft", algorithm="sft", campaign_id=ours.id)
+    newer = version(db, "theirs-sft", algorithm="sft", campaign_id=theirs.id)
+    db.commit()
+    as_role("researcher")
+    page = client.get(f"/generate?campaign={ours.slug}").text
+    assert f'<option value="{mine.id}" selected>' in select_of(page, "model")
+    page = client.get(f"/generate?campaign={theirs.slug}").text
+    assert f'<option value="{newer.id}" selected>' in select_of(page, "model")

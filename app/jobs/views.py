@@ -765,7 +765,11 @@ def generate_form(
         newest = select(Campaign.slug).order_by(Campaign.id.desc()).limit(1)  # as listed
         campaign = campaign or db.scalar(newest)
         if version is None and (policies := registry.list_versions(db, kind="policy")):
-            version, chosen = policies[0], policies[0].id
+            # The newest trained on this campaign, else the newest of all (as the select).
+            here = campaigns.get_by_slug(db, campaign or "")
+            ours = [m for m in policies if here is not None and m.campaign_id == here.id]
+            version = (ours or policies)[0]
+            chosen = version.id
     form = generate_defaults(campaign, chosen) | {"source": source or "model"}
     panel = is_htmx(request) and request.headers.get("hx-target") == "generate-panel"
     if is_htmx(request) and not panel:

@@ -105,12 +105,15 @@ def loop_context(
     )
     job_ids = {j for it in rows for j in (it.reward_job_id, it.policy_job_id, it.generate_job_id)}
     job_ids.discard(None)
-    found = db.execute(select(Job.id, Job.state, Job.result).where(Job.id.in_(job_ids))).all()
-    job_states = {job_id: state for job_id, state, _ in found}
+    job_states = dict(
+        db.execute(select(Job.id, Job.state).where(Job.id.in_(job_ids))).tuples().all()
+    )
     # What each finished generate step wrote: tasks, of which audit pairs.
+    generate_ids = {it.generate_job_id for it in rows if it.generate_job_id}
+    results = db.execute(select(Job.id, Job.result).where(Job.id.in_(generate_ids))).all()
     written = {
         job_id: (result.get("tasks_created", 0), result.get("audit_tasks", 0))
-        for job_id, _, result in found
+        for job_id, result in results
         if result and "tasks_created" in result
     }
     return {
