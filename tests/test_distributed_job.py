@@ -77,6 +77,48 @@ def test_a_job_trains_in_its_own_process_or_launches_n(monkeypatch):
     ]
 
 
+def test_a_stop_that_comes_as_the_processes_finish_keeps_their_model(monkeypatch, tmp_path):
+    """The launcher passes a stop on to the ranks without taking it: ranks that were past
+    their last step check (saving) finish, and the attempt succeeds with their model instead
+    of being handed back to train again from scratch. A run that did stop is handed back."""
+    import logging
+    from types import SimpleNamespace
+
+    from trainer import launch as launching
+    from trainer import training_job
+    from trainer.dpo import train
+    from trainer.worker import JobContext, JobStopped
+
+    ctx = JobContext(
+        job_id=1,
+        kind="dpo",
+        config={},
+        campaign_id=None,
+        attempt=1,
+        worker_id="w",
+        output_dir=tmp_path,
+        checkpoint_dir=tmp_path / "checkpoint",
+        settings=None,
+        database=None,
+        log=logging.getLogger("test"),
+        requested_device="cpu",
+    )
+    outcome = {"stopped": False}
+
+    def ranks(target, args, kwargs, *, should_stop, **_):
+        ctx._attempt.request_stop("SIGTERM")  # arrives while the ranks save
+        assert should_stop()  # the launcher sees it, and would touch the STOP file
+        return SimpleNamespace(stopped=outcome["stopped"])
+
+    monkeypatch.setattr(launching, "launch", ranks)
+    result = training_job.train_in_job(ctx, train, 2, ("config",), on_progress=print)
+    assert not result.stopped and not ctx._attempt.stop_seen  # the worker records success
+    outcome["stopped"] = True
+    with pytest.raises(JobStopped):
+        training_job.train_in_job(ctx, train, 2, ("config",), on_progress=print)
+    assert ctx._attempt.stop_seen
+
+
 # PostgreSQL only: the processes never touch the database (the worker reads before and
 # writes after them, as in one process, which test_reward_job runs on both backends), and a
 # launch costs some 15 s of the suite.

@@ -300,7 +300,9 @@ def run_in_processes(
             run_dir=Path(ctx.output_dir) / "launch",
             on_metric=ctx.metric,
             on_progress=on_progress or ctx.report,
-            should_stop=ctx.should_stop,
+            # Passed on to the ranks, not taken: ranks that had finished when it came end
+            # the run normally, and the handler publishes their model.
+            should_stop=ctx.stop_pending,
             log=ctx.log,
             sharding=sharding,
         )

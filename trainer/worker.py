@@ -173,6 +173,12 @@ class JobContext:
             return True
         return False
 
+    def stop_pending(self) -> bool:
+        """Whether a stop is pending, without taking it: for a watcher (the launcher of a
+        multi-process run) that passes it on. The run that then stops calls should_stop() or
+        check_stop(); one that finished anyway succeeds, its model kept."""
+        return self._attempt.stop.is_set()
+
     def check_stop(self) -> None:
         """Raise JobStopped if should_stop(); handy between steps deep inside a loop."""
         if self.should_stop():
