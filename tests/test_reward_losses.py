@@ -224,6 +224,26 @@ def test_formatter_uses_the_chat_template():
     ]
 
 
+def test_a_chat_templates_bos_survives_truncation():
+    """As SFT keeps it: a long prompt loses its start, never the template's leading BOS."""
+    from tests.tiny_models import CHAT_TEMPLATE
+
+    tokenizer = tokenizer_for(["what is two plus two", "four"])
+    tokenizer.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    formatter = RewardFormatter(tokenizer, max_length=6)
+    [short] = formatter.encode("what is two plus two", ["four"])
+    assert tokenizer.convert_ids_to_tokens(short) == [
+        "<bos>",
+        "two",
+        "<eos>",
+        "<assistant>",
+        "four",
+        "<eos>",
+    ]
+    [whole] = RewardFormatter(tokenizer, max_length=64).encode("two", ["four"])
+    assert tokenizer.convert_ids_to_tokens(whole)[:2] == ["<bos>", "<user>"]
+
+
 def test_length_grouped_batches_are_seeded_and_similar_in_length():
     lengths = [5, 50, 6, 49, 7, 48, 8, 47]
     batches = length_grouped_batches(lengths, batch_size=2, seed=1)

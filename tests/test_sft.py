@@ -150,6 +150,8 @@ def test_truncation_cuts_the_prompt_first_and_keeps_the_completion():
     assert p == prompt[-4:] and c == list(range(12))  # the completion's start, a bit of prompt
     p, c = fit(prompt, list(range(30)), 6, 64)
     assert len(p) == 3 and len(c) == 3  # never more than half the room for the prompt
+    p, c = fit(prompt, list(range(14)), 16, 4)  # it would fit alone: the prompt floor holds
+    assert p == prompt[-4:] and c == list(range(12))
 
 
 def test_a_cut_completion_loses_its_eos(plain_tokenizer):

@@ -124,14 +124,18 @@ class RewardFormatter:
                 n = 0
                 while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
                     n += 1
-                pieces.append((full_ids[:n], full_ids[n:]))
+                # A template's leading BOS is kept through truncation, as SFT keeps it.
+                bos = self.tokenizer.bos_token_id
+                head = full_ids[:1] if n and bos is not None and full_ids[0] == bos else []
+                pieces.append((head, full_ids[len(head) : n], full_ids[n:]))
         else:
             prompt_ids = self._ids(self._plain_prompt(prompt))
-            pieces = [(prompt_ids, self._ids(c)) for c in completions]
+            pieces = [(self.prefix, prompt_ids, self._ids(c)) for c in completions]
         out = []
-        for p, c in pieces:
-            p, c = truncate(p, c, self.budget)
-            out.append(self.prefix + p + c + self.suffix)
+        for head, p, c in pieces:
+            budget = self.budget - (len(head) if self.chat else 0)
+            p, c = truncate(p, c, budget)
+            out.append(head + p + c + self.suffix)
         return out
 
     def encode_group(self, group: RankingGroup) -> EncodedGroup:

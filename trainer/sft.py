@@ -20,9 +20,9 @@ tokens are trained on, so the model learns to stop); without one, BOS + the prom
 "User: ...\\n\\nAssistant:") followed by the completion and EOS.
 
 Truncation keeps the completion: a sequence longer than `max_length` loses the prompt's start
-first (the end is the turn being answered). Only when the completion alone does not fit is its
-end cut too, and then the prompt still keeps its last `min_prompt_tokens` (at most half the
-room): a completion cut short loses its EOS, so the model never learns to stop mid-answer.
+first (the end is the turn being answered), down to its last `min_prompt_tokens` (at most half
+the room); only past that floor is the completion's end cut too. A completion cut short loses
+its EOS, so the model never learns to stop mid-answer.
 
 Packing (`packing=True`) puts several examples in one row of up to `max_length` tokens (best
 fit, longest first) instead of padding each. The examples stay apart: position ids restart at
@@ -188,9 +188,10 @@ class SFTResult:
 def fit(
     prompt_ids: list[int], completion_ids: list[int], budget: int, min_prompt: int
 ) -> tuple[list[int], list[int]]:
-    """Fit prompt + completion into `budget` tokens: the prompt loses its start first; when the
-    completion alone is too long, it loses its end and the prompt keeps its last
-    min(min_prompt, budget // 2) tokens (or all, when shorter)."""
+    """Fit prompt + completion into `budget` tokens: the prompt loses its start first, down to
+    its last min(min_prompt, budget // 2) tokens (or all, when shorter); past that floor the
+    completion loses its end. A completion with no prompt to answer teaches nothing, so the
+    floor holds even for a completion that would fit alone."""
     if len(prompt_ids) + len(completion_ids) <= budget:
         return prompt_ids, completion_ids
     keep = min(len(prompt_ids), max(budget - len(completion_ids), min(min_prompt, budget // 2)))
