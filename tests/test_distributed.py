@@ -51,6 +51,30 @@ def test_one_process_helpers_change_nothing():
     assert distributed.init("cpu") is SINGLE  # no WORLD_SIZE: one process
 
 
+def test_each_rank_resumes_its_own_random_state():
+    """A checkpoint keeps every rank's RNG states; rank r gets its own back, and a run of
+    another size (or a checkpoint of one dict) gives every rank rank 0's."""
+    torch.manual_seed(1)
+    first = SINGLE.rng_states()
+    assert len(first) == 1
+    expected = torch.rand(3)
+    torch.manual_seed(2)
+    second = SINGLE.rng_states()[0]
+    for saved, rank, world, seeded in (
+        ([first[0], second], 1, 2, 2),
+        ([first[0], second], 0, 2, 1),
+        ([first[0], second], 0, 1, 1),  # 2 processes' checkpoint, resumed in one
+        (first[0], 0, 1, 1),  # the one-dict format
+    ):
+        torch.manual_seed(99)
+        distributed.Distributed(rank=rank, world_size=world).restore_rng(saved)
+        torch.manual_seed(seeded)
+        wanted = torch.rand(3)
+        distributed.Distributed(rank=rank, world_size=world).restore_rng(saved)
+        assert torch.equal(torch.rand(3), wanted)
+    assert torch.equal(wanted, expected)  # the last case: seed 1, as saved
+
+
 def _token_losses(weight: torch.Tensor, rows: list[torch.Tensor]) -> list[torch.Tensor]:
     """Summed squared error of each row's tokens: a stand-in for a summed token loss."""
     return [((row @ weight) ** 2).sum() for row in rows]

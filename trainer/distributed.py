@@ -58,6 +58,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from trainer.launched import SHARDINGS
+from trainer.runtime import rng_state, set_rng_state
 
 T = TypeVar("T")
 
@@ -304,6 +305,23 @@ class Distributed:
         tensor = self._tensor([1.0 if flag else 0.0])
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
         return bool(tensor.item())
+
+    def rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states, in rank order, for a checkpoint (a collective: every rank
+        calls it). Each rank draws its own dropout masks on its own batches, so a resumed
+        run needs each rank's own back to go on exactly."""
+        mine = rng_state()
+        if not self.active:
+            return [mine]
+        states: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(states, mine)
+        return states
+
+    def restore_rng(self, saved: list[dict[str, Any]] | dict[str, Any]) -> None:
+        """This rank's states from `rng_states()`; a checkpoint of another number of
+        processes (or one dict, the format before) gives every rank rank 0's."""
+        states = saved if isinstance(saved, list) else [saved]
+        set_rng_state(states[self.rank] if len(states) == self.world_size else states[0])
 
     def barrier(self) -> None:
         if self.active:

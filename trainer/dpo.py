@@ -73,10 +73,8 @@ from trainer.runtime import (
     load_checkpoint,
     precision,
     resolve_device,
-    rng_state,
     save_on_main,
     seed_everything,
-    set_rng_state,
 )
 from trainer.sft import (
     IGNORE_INDEX,
@@ -471,13 +469,14 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         done, totals = state["step"], state["totals"]
         last_window, last_eval = state["last_window"], state["last_eval"]
-        set_rng_state(state["rng"])
+        dist.restore_rng(state["rng"])
         on_progress(done / total_steps, f"resumed at step {done}/{total_steps}")
     resumed_from = done
 
     def save_checkpoint() -> None:
         # every rank: under FSDP the full states are gathered to rank 0
         weights, moments = dist.model_state(model), dist.optimizer_state(model, optimizer)
+        rngs = dist.rng_states()  # every rank's, gathered by all of them
         save_on_main(
             dist,
             checkpoint,
@@ -490,7 +489,7 @@ def train(
                 "totals": totals,
                 "last_window": last_window,
                 "last_eval": last_eval,
-                "rng": rng_state(),
+                "rng": rngs,
             },
         )
 

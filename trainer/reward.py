@@ -62,10 +62,8 @@ from trainer.runtime import (
     json_safe,
     load_checkpoint,
     resolve_device,
-    rng_state,
     save_on_main,
     seed_everything,
-    set_rng_state,
 )
 
 __all__ = [
@@ -414,7 +412,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         done, totals, last_eval = state["step"], state["totals"], state["last_eval"]
-        set_rng_state(state["rng"])
+        dist.restore_rng(state["rng"])
         on_progress(done / total_steps, f"resumed at step {done}/{total_steps}")
     resumed_from = done
     # The forward that backpropagates: under DDP through its wrapper (which also makes every
@@ -422,6 +420,7 @@ def train(
     forward = dist.wrap(Forward(model, compute_rewards))
 
     def save_checkpoint() -> None:
+        rngs = dist.rng_states()  # every rank's, gathered by all of them
         save_on_main(
             dist,
             checkpoint,
@@ -433,7 +432,7 @@ def train(
                 "step": done,
                 "totals": totals,
                 "last_eval": last_eval,
-                "rng": rng_state(),
+                "rng": rngs,
             },
         )
 

@@ -69,10 +69,8 @@ from trainer.runtime import (
     load_checkpoint,
     precision,
     resolve_device,
-    rng_state,
     save_on_main,
     seed_everything,
-    set_rng_state,
 )
 
 __all__ = [
@@ -585,13 +583,14 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         done, totals, last_eval = state["step"], state["totals"], state["last_eval"]
         before = state["before"]
-        set_rng_state(state["rng"])
+        dist.restore_rng(state["rng"])
         on_progress(done / total_steps, f"resumed at step {done}/{total_steps}")
     resumed_from = done
 
     def save_checkpoint() -> None:
         # every rank: under FSDP the full states are gathered to rank 0
         weights, moments = dist.model_state(model), dist.optimizer_state(model, optimizer)
+        rngs = dist.rng_states()  # every rank's, gathered by all of them
         save_on_main(
             dist,
             checkpoint,
@@ -604,7 +603,7 @@ def train(
                 "totals": totals,
                 "last_eval": last_eval,
                 "before": before,
-                "rng": rng_state(),
+                "rng": rngs,
             },
         )
 
