@@ -277,3 +277,21 @@ def test_the_bundled_pretrained_minilm_is_the_default_backbone_and_learns(tmp_pa
     scorer = RewardScorer(tmp_path / "minilm-rm", "cpu")
     good, bad = scorer.score("tell me about the weather", ["sunny rain", "rain cold"])
     assert good > bad
+
+
+def test_a_write_that_fails_midway_keeps_the_previous_checkpoint_whole(tmp_path):
+    from trainer.runtime import write_atomically, write_checkpoint
+
+    path = tmp_path / "checkpoint" / "state.pt"
+    write_checkpoint(path, {"step": 1})
+
+    def crash(tmp: Path) -> None:
+        tmp.write_bytes(b"half a checkp")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, crash)
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    write_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=False) == {"step": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["state.pt"]  # the torn one replaced

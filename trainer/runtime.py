@@ -172,11 +172,24 @@ def precision(config: Any, device: torch.device) -> tuple[bool, bool]:
     return bf16, checkpointing if checkpointing is not None else cuda
 
 
-def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)`, then the temporary file on disk and renamed over `path`: a crash or a
+    power cut mid-write keeps the previous file whole, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write keeps the previous checkpoint
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with tmp.open("rb") as written:
+        os.fsync(written.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def save_on_main(dist: Any, path: Path, state: Callable[[], dict[str, Any]]) -> None:

@@ -31,6 +31,7 @@ from app.jobs.models import ModelKind, ModelVersion
 from trainer.generate_job import model_location
 from trainer.launch import run_in_processes
 from trainer.model_versions import finite, publish
+from trainer.runtime import write_atomically
 
 T = TypeVar("T")
 S = TypeVar("S", bound="Split[Any]")
@@ -61,8 +62,8 @@ def read_once(ctx: Any, read: Callable[[dict[str, int] | None], T]) -> T:
     as_of = json.loads(mark.read_text()) if mark.is_file() else None
     data = read(as_of)
     if as_of is None:
-        mark.parent.mkdir(parents=True, exist_ok=True)
-        mark.write_text(json.dumps(data.parameters["as_of"]))  # type: ignore[attr-defined]
+        marked = json.dumps(data.parameters["as_of"])  # type: ignore[attr-defined]
+        write_atomically(mark, lambda tmp: tmp.write_text(marked))
     return data
 
 
