@@ -75,6 +75,28 @@ def test_each_rank_resumes_its_own_random_state():
     assert torch.equal(wanted, expected)  # the last case: seed 1, as saved
 
 
+def test_a_rank_stops_at_its_workers_request_its_death_or_its_own_sigterm(tmp_path):
+    import os
+    import signal
+
+    from trainer.launched import stop_check
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        should_stop = stop_check(tmp_path / "stop", os.getpid())
+        assert not should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: the rank checkpoints at its next step
+        assert should_stop()
+        asked = stop_check(tmp_path / "stop", os.getpid())
+        (tmp_path / "stop").touch()
+        assert asked()
+        (tmp_path / "stop").unlink()
+        orphan = stop_check(tmp_path / "stop", 2**22 + 12345)  # no such worker process
+        assert orphan()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _token_losses(weight: torch.Tensor, rows: list[torch.Tensor]) -> list[torch.Tensor]:
     """Summed squared error of each row's tokens: a stand-in for a summed token loss."""
     return [((row @ weight) ** 2).sum() for row in rows]

@@ -23,7 +23,9 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,19 @@ class Events:
         self.file.close()
 
 
+def stop_check(stop_file: Path, worker_pid: int | None) -> Callable[[], bool]:
+    """When a rank checkpoints and stops: the worker asked (the STOP file), the worker is
+    gone, or the rank itself got SIGTERM (a service manager that signals every process of
+    the unit, not only the worker)."""
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
+
+    def should_stop() -> bool:
+        return terminated.is_set() or stop_file.exists() or not alive(worker_pid)
+
+    return should_stop
+
+
 def main(run_dir: Path) -> int:
     die_with_parent()
     payload = pickle.loads((run_dir / PAYLOAD).read_bytes())  # noqa: S301 - our worker's file
@@ -91,10 +106,7 @@ def main(run_dir: Path) -> int:
     from trainer.distributed import init
 
     dist = init(payload["device"], payload.get("sharding", "none"))
-    stop_file = run_dir / STOP
-
-    def should_stop() -> bool:
-        return stop_file.exists() or not alive(worker_pid)
+    should_stop = stop_check(run_dir / STOP, worker_pid)
 
     events = Events(run_dir / EVENTS) if dist.is_main else None
     try:
