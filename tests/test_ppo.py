@@ -288,6 +288,23 @@ def test_reward_model_and_value_from_reward(
     bad = config(policy_dir, reward_model=str(other_reward_dir), value_init="reward")
     with pytest.raises(ValueError, match="tokenizer"):
         train(bad, PROMPTS, tmp_path / "bad", device="cpu")
+    # "auto", the default: that reward model still scores, the value model is the policy's.
+    said: list[str] = []
+    assert PPOConfig(policy="p").value_init == "auto"
+    auto = config(policy_dir, reward_model=str(other_reward_dir), value_init="auto", total_steps=1)
+    done = train(
+        auto, PROMPTS, tmp_path / "auto", device="cpu", on_progress=lambda f, m: said.append(m)
+    )
+    assert done.steps == 1 and "value model: from the policy model" in said
+    said.clear()
+    train(
+        config(policy_dir, reward_model=str(reward_dir), value_init="auto", total_steps=1),
+        PROMPTS,
+        tmp_path / "auto-same",
+        device="cpu",
+        on_progress=lambda f, m: said.append(m),
+    )
+    assert "value model: from the reward model" in said
 
 
 def test_fold_normalization_rescales_a_head_with_or_without_bias() -> None:

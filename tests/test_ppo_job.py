@@ -131,12 +131,19 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
     # the form: a bad field queues nothing; a good one queues PPO from the new version
     form = client.get(f"/jobs/new/ppo?policy={model['id']}&campaign=ppo-live", headers=auth)
     assert form.status_code == 200 and f'value="{model["id"]}" selected' in form.text
+    assert '<option value="auto" selected>' in form.text  # the value model's default
     fields = {"policy_id": str(model["id"]), "reward_model_id": str(rm_id), "campaigns": "ppo-live"}
     bad = client.post("/jobs/new/ppo", data={**fields, "learning_rate": "-1"}, headers=auth)
     assert bad.status_code == 422 and "learning_rate" in bad.text
     good = client.post(
         "/jobs/new/ppo",
-        data={**fields, "total_steps": "7", "adaptive_kl": "true", "kl_budget": "3"},
+        data={
+            **fields,
+            "total_steps": "7",
+            "adaptive_kl": "true",
+            "kl_budget": "3",
+            "value_init": "policy",
+        },
         headers=auth,
         follow_redirects=False,
     )
@@ -146,6 +153,7 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
         assert queued.kind == "ppo" and queued.config["policy_id"] == model["id"]
         assert queued.config["training"]["total_steps"] == 7
         assert queued.config["training"]["adaptive_kl"] is True and queued.config["kl_budget"] == 3
+        assert queued.config["training"]["value_init"] == "policy"
 
     # one click: the new policy samples completions for its campaign
     made = client.post(f"/models/{model['id']}/generate", headers=auth, follow_redirects=False)

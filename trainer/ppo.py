@@ -103,6 +103,9 @@ __all__ = [
 META_FILE = "prefloop_ppo.json"
 
 
+VALUE_INITS = ("auto", "reward", "policy")
+
+
 @dataclass
 class PPOConfig(OnPolicyConfig):
     """Hyperparameters of one PPO run: OnPolicyConfig's (trainer/rollout.py: the policy,
@@ -110,10 +113,11 @@ class PPOConfig(OnPolicyConfig):
     2024 where they say."""
 
     value_init: str = field(
-        default="reward",
+        default="auto",
         metadata={
             "help": "'reward': the value model starts as the reward model (Ziegler et al.; "
-            "needs the policy's vocabulary), 'policy': the policy's body with a new head."
+            "needs the policy's vocabulary and a decoder), 'policy': the policy's body with a "
+            "new head, 'auto': 'reward' where the reward model can be one, else 'policy'."
         },
     )
     rollout_batch_size: int = field(
@@ -134,8 +138,10 @@ class PPOConfig(OnPolicyConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.value_init not in ("reward", "policy"):
-            raise ValueError(f"value_init must be 'reward' or 'policy', not {self.value_init!r}")
+        if self.value_init not in VALUE_INITS:
+            raise ValueError(
+                f"value_init must be one of {', '.join(VALUE_INITS)}, not {self.value_init!r}"
+            )
         if not 0 < self.minibatch_size <= self.rollout_batch_size:
             raise ValueError("minibatch_size must be in 1..rollout_batch_size")
         if self.ppo_epochs < 1:
@@ -185,28 +191,43 @@ def fold_normalization(head: nn.Linear, mean: float, std: float) -> nn.Linear:
 
 def _load_value_model(
     config: PPOConfig, tokenizer: Any, reward_mean: float, reward_std: float
-) -> nn.Module:
-    """Value model: the reward model (Ziegler et al. 2019: a value function that starts
-    knowing the reward) on the scale of the rewards GAE sees, or the policy's body with a
-    new scalar head."""
-    if config.value_init == "policy":
+) -> tuple[nn.Module, str]:
+    """(value model, where it started: "reward" or "policy"). The reward model (Ziegler et
+    al. 2019: a value function that starts knowing the reward) on the scale of the rewards
+    GAE sees, or the policy's body with a new scalar head. With "auto", the reward model
+    where it can be one (the policy's vocabulary, a decoder with a linear head: a MiniLM
+    encoder cannot give per-token values), else the policy."""
+    model = None
+    if config.value_init != "policy" and config.reward_model is not None:
+        model, reward_tokenizer = load_reward_model(config.reward_model, dtype=torch.float32)
+        problem = None
+        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+            problem = (
+                "value_init='reward' needs the reward model to share the policy's tokenizer "
+                "(the value model reads the policy's tokens); use value_init='policy'"
+            )
+        else:
+            try:
+                _value_parts(model)
+            except ValueError as error:
+                problem = str(error)
+        if problem is not None:
+            if config.value_init == "reward":
+                raise ValueError(problem)
+            model = None  # auto: the policy's body instead
+    if model is None:
+        if config.value_init == "reward":
+            raise ValueError("value_init='reward' needs config.reward_model; or use 'policy'")
         from transformers import AutoModel
 
-        return ScalarHeadModel(AutoModel.from_pretrained(config.policy, dtype=torch.float32))
-    if config.reward_model is None:
-        raise ValueError("value_init='reward' needs config.reward_model; or use 'policy'")
-    model, reward_tokenizer = load_reward_model(config.reward_model, dtype=torch.float32)
-    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
-            "value_init='reward' needs the reward model to share the policy's tokenizer "
-            "(the value model reads the policy's tokens); use value_init='policy'"
-        )
-    _, head = _value_parts(model)  # fail now, not after the first rollout
+        body = AutoModel.from_pretrained(config.policy, dtype=torch.float32)
+        return ScalarHeadModel(body), "policy"
+    _, head = _value_parts(model)
     # GAE sees (raw - mean) / std: with the raw head the values would start off by the mean
     # and the first value updates would chase it (lm-human-preferences folds it in too). A
     # plain Linear, so the checkpoint holds the folded head and a resume does not fold again.
     model.score = fold_normalization(head, reward_mean, reward_std)
-    return model
+    return model, "reward"
 
 
 def response_values(
@@ -260,9 +281,10 @@ def train(
     tokenizer = load_tokenizer(config.policy)
     # The value model before the policy: its fresh head, then the policy's LoRA adapters,
     # draw their initial weights from the seeded RNG, in that order.
-    value_model = _load_value_model(
+    value_model, value_from = _load_value_model(
         config, tokenizer, getattr(reward_fn, "mean", 0.0), getattr(reward_fn, "std", 1.0)
     )
+    on_progress(0.0, f"value model: from the {value_from} model")
     disable_dropout(value_model)
     if config.gradient_checkpointing:
         enable_checkpointing(value_model)

@@ -396,7 +396,7 @@ class OnPolicyTraining(BaseModel):
 class PPOTraining(OnPolicyTraining):
     """Hyperparameters of a PPO run (see `trainer.ppo.PPOConfig`; a test holds them equal)."""
 
-    value_init: Literal["reward", "policy"] = "reward"
+    value_init: Literal["auto", "reward", "policy"] = "auto"
     rollout_batch_size: int = Field(64, ge=1, le=65_536)
     minibatch_size: int = Field(16, ge=1, le=65_536)
     ppo_epochs: int = Field(4, ge=1, le=100)

@@ -292,7 +292,9 @@ def train_ppo(
     kl_target: KLTarget = 6.0,
     kl_budget: KLBudget = None,
     missing_eos_penalty: MissingEOSPenalty = None,
-    value_init: Annotated[str, typer.Option(help="reward or policy.")] = "reward",
+    value_init: Annotated[
+        str, typer.Option(help="auto (reward where it can be), reward or policy.")
+    ] = "auto",
     use_lora: UseLoRA = False,
     gradient_checkpointing: Checkpointing = False,
     checkpoint_every: CheckpointEvery = 10,

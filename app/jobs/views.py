@@ -382,6 +382,7 @@ PPO_FORM = JobForm(
         SEED,
     ),
     top=ONLINE_RL_INPUTS,
+    training=("value_init",),
     training_checks=("adaptive_kl", "use_lora"),
     models=(("policies", "policy", "policy_id"), ("rewards", "reward", "reward_model_id")),
 )
