@@ -54,6 +54,16 @@ def test_verdicts_and_the_goodhart_flag():
     assert not honest.goodhart
     worse = WinRate(2, 1, judgments=40, wins=8, new_score=1.0, old_score=0.0)
     assert worse.verdict == "worse" and worse.goodhart
+    # People prefer it 8 times in 10: the interval [49-94 %] still reaches 50 %, so the
+    # verdict is "no better", but a version people prefer is not fooling the reward model.
+    liked = WinRate(2, 1, judgments=10, wins=8, new_score=1.0, old_score=0.0)
+    assert liked.verdict == "no better" and not liked.goodhart
+    slightly = WinRate(2, 1, judgments=40, wins=21, new_score=1.0, old_score=0.0)
+    assert slightly.verdict == "no better" and not slightly.goodhart
+    even = WinRate(2, 1, judgments=MIN_JUDGMENTS, wins=MIN_JUDGMENTS / 2, new_score=1, old_score=0)
+    assert even.goodhart  # half the time is not better
+    unjudged = WinRate(2, 1, judgments=MIN_JUDGMENTS - 1, wins=0, new_score=1.0, old_score=0.0)
+    assert not unjudged.goodhart
 
 
 def test_audit_prompts_are_a_fixed_seeded_share():
@@ -190,7 +200,7 @@ def test_an_iteration_runs_reward_then_policy_then_generate(db):
     assert db.get_one(Job, again.job_id).config["init_model_id"] == new_rm.id
 
 
-def test_a_dead_step_pauses_the_loop_and_resuming_retries_it(db):
+def test_a_dead_step_pauses_the_loop_and_resuming_queues_a_new_job(db):
     campaign = make_campaign(db, slug="loop-dead", k=2)
     base, rm = _versions(db)
     loop = loops.configure(db, campaign, _config(base, rm), actor_id=None)
@@ -202,17 +212,26 @@ def test_a_dead_step_pauses_the_loop_and_resuming_retries_it(db):
     [paused] = loops.tick(db)
     assert paused.action == "paused" and loop.state == LoopState.paused
     assert "train_reward job" in loop.paused_reason and "CUDA out of memory" in loop.paused_reason
+    assert "a new job is queued with them" in loop.paused_reason
     assert loops.tick(db) == []  # paused: nothing moves
 
-    retried = loops.resume(db, loop, actor_id=None)
-    assert retried is not None and retried.id == job.id and job.state == JobState.queued
+    # The admin fixes the step's options, then resumes: a new job with them, not a retry.
+    fixed = _config(base, rm, reward={"training": {"batch_size": 2}})
+    loops.configure(db, campaign, fixed, actor_id=None)
+    new_job = loops.resume(db, loop, actor_id=None)
+    [iteration] = loops.iterations(db, loop)
+    assert new_job is not None and new_job.id != job.id and new_job.state == JobState.queued
+    assert new_job.kind == "train_reward" and new_job.config["training"]["batch_size"] == 2
+    assert new_job.config["init_model_id"] == rm.id
+    assert job.state == JobState.dead and job.error.startswith("CUDA")  # kept as it was
+    assert iteration.reward_job_id == new_job.id and iteration.error is None
     assert loop.state == LoopState.active and loop.paused_reason is None
 
     # Pausing holds a finished step's successor back until the loop is resumed.
     loops.pause(db, loop, actor_id=None, reason="")
-    _succeed(db, job.id, ModelKind.reward, name="rm 2")
+    _succeed(db, new_job.id, ModelKind.reward, name="rm 2")
     assert loops.tick(db) == []
-    loops.resume(db, loop, actor_id=None)
+    assert loops.resume(db, loop, actor_id=None) is None  # its job is fine: nothing queued
     assert [s.action for s in loops.tick(db)] == ["queued_policy"]
 
     ended = loops.abandon(db, loop, actor_id=None)
@@ -220,6 +239,147 @@ def test_a_dead_step_pauses_the_loop_and_resuming_retries_it(db):
     policy_job = db.get_one(Job, ended.policy_job_id)
     assert policy_job.state == JobState.cancelled
     assert loops.open_iteration(db, loop) is None
+
+
+def test_resuming_a_dead_policy_step_uses_the_loops_current_policy_options(db):
+    campaign = make_campaign(db, slug="loop-dead-policy", k=2)
+    base, rm = _versions(db)
+    loop = loops.configure(db, campaign, _config(base, rm), actor_id=None)
+    _comparisons(db, campaign, 3)
+    [started] = loops.tick(db)
+    new_rm = _succeed(db, started.job_id, ModelKind.reward, name="rm 2", parent_id=rm.id)
+    [queued] = loops.tick(db)
+    dead = db.get_one(Job, queued.job_id)
+    dead.state, dead.error = JobState.dead, "diverged"
+    db.flush()
+    assert loops.tick(db)[0].action == "paused"
+
+    loop.config = {**loop.config, "policy": {"training": {"total_steps": 9}}}
+    db.flush()
+    message = loops.act(db, loop, "resume", actor_id=None)
+    [iteration] = loops.iterations(db, loop)
+    new_job = db.get_one(Job, iteration.policy_job_id)
+    assert f"job {new_job.id} queued" in message and new_job.id != dead.id
+    assert new_job.kind == "ppo" and new_job.config["training"]["total_steps"] == 9
+    assert new_job.config["reward_model_id"] == new_rm.id
+    assert new_job.config["policy_id"] == base.id
+    assert dead.state == JobState.dead and dead.config["training"]["total_steps"] == 5
+
+
+def test_resuming_keeps_the_loop_paused_when_the_new_job_cannot_be_queued(db):
+    campaign = make_campaign(db, slug="loop-dead-bad", k=2)
+    base, rm = _versions(db)
+    loop = loops.configure(db, campaign, _config(base, rm), actor_id=None)
+    _comparisons(db, campaign, 3)
+    [started] = loops.tick(db)
+    db.get_one(Job, started.job_id).state = JobState.dead
+    db.flush()
+    loops.tick(db)
+    loop.config = {**loop.config, "reward": {"training": {"epochs": 0}}}  # edited behind
+    db.flush()
+    jobs_before = db.scalar(select(func.count(Job.id)))
+
+    assert loops.resume(db, loop, actor_id=None) is None
+    message = loops.act(db, loop, "resume", actor_id=None)
+    assert loop.state == LoopState.paused and "epochs" in loop.paused_reason
+    assert message.startswith("Loop still paused") and "epochs" in message
+    [iteration] = loops.iterations(db, loop)
+    assert iteration.reward_job_id == started.job_id and iteration.stage == Stage.reward
+    assert db.scalar(select(func.count(Job.id))) == jobs_before  # nothing half-queued
+
+
+def test_resuming_from_the_loop_page_clears_the_dead_message(db, client, as_role):
+    campaign = make_campaign(db, slug="loop-dead-page", k=2)
+    base, rm = _versions(db)
+    loop = loops.configure(db, campaign, _config(base, rm), actor_id=None)
+    _comparisons(db, campaign, 3)
+    [started] = loops.tick(db)
+    db.get_one(Job, started.job_id).state = JobState.dead
+    db.flush()
+    loops.tick(db)
+    db.commit()
+    as_role("admin")
+    page = client.get("/admin/campaigns/loop-dead-page/loop")
+    assert 'data-testid="loop-paused-reason"' in page.text and "is dead" in page.text
+    resumed = client.post(
+        "/admin/campaigns/loop-dead-page/loop/resume",
+        data={"csrf_token": csrf_from(page.text)},
+        follow_redirects=False,
+    )
+    assert resumed.status_code == 303
+    db.expire_all()
+    iteration = loops.open_iteration(db, loop)
+    assert iteration is not None and iteration.reward_job_id != started.job_id
+    page = client.get("/admin/campaigns/loop-dead-page/loop")
+    assert "is dead" not in page.text and 'data-testid="loop-paused-reason"' not in page.text
+    assert f'href="/jobs/{iteration.reward_job_id}"' in page.text
+
+
+def test_abandoning_gives_the_iterations_comparisons_and_versions_back(db):
+    campaign = make_campaign(db, slug="loop-abandon", k=2)
+    base, rm = _versions(db)
+    _comparisons(db, campaign, 2)
+    seen = db.scalar(select(func.max(Comparison.id)))
+    exported = {"campaigns": ["loop-abandon"], "as_of": {"comparison_id": seen}}
+    rm.metrics = {**rm.metrics, "data": {"export_parameters": exported}}
+    db.flush()
+    loop = loops.configure(db, campaign, _config(base, rm), actor_id=None)
+    _comparisons(db, campaign, 3)
+
+    # Iteration 1 gets as far as its generate step, the loop having adopted its versions.
+    [started] = loops.tick(db)
+    rm2 = _succeed(db, started.job_id, ModelKind.reward, name="rm 2", parent_id=rm.id)
+    [queued] = loops.tick(db)
+    policy1 = _succeed(db, queued.job_id, ModelKind.policy, name="ppo 1", parent_id=base.id)
+    loops.tick(db)
+    assert (loop.reward_model_id, loop.policy_id) == (rm2.id, policy1.id)
+    first = loops.abandon(db, loop, actor_id=None)
+    assert first is not None and first.stage == Stage.failed
+    # Back where it started: the warm start's versions, counting after what rm was trained on.
+    assert (loop.reward_model_id, loop.policy_id) == (rm.id, base.id)
+    assert loop.comparison_mark == seen
+    [again] = loops.tick(db)  # the same 3 comparisons start the next iteration at once
+    assert again.action == "started" and db.get_one(Job, again.job_id).config["init_model_id"] == (
+        rm.id
+    )
+    second = loops.open_iteration(db, loop)
+    assert second is not None and second.number == 2 and second.new_comparisons == 3
+    assert second.parent_policy_id == base.id
+
+    # Iteration 2 finishes; iteration 3 adopts a reward model, then is abandoned.
+    rm3 = _succeed(db, again.job_id, ModelKind.reward, name="rm 3", parent_id=rm.id)
+    [queued] = loops.tick(db)
+    policy2 = _succeed(db, queued.job_id, ModelKind.policy, name="ppo 2", parent_id=base.id)
+    [queued] = loops.tick(db)
+    _succeed(db, queued.job_id)
+    assert loops.tick(db)[0].action == "finished" and second.stage == Stage.done
+    _comparisons(db, campaign, 3)
+    [third_start] = loops.tick(db)
+    loops.tick(db)  # still training
+    _succeed(db, third_start.job_id, ModelKind.reward, name="rm 4", parent_id=rm3.id)
+    loops.tick(db)
+    assert loop.reward_model_id != rm3.id and loop.policy_id == policy2.id
+    third = loops.abandon(db, loop, actor_id=None)
+    assert third is not None and third.number == 3
+    assert loop.comparison_mark == second.comparison_mark  # not the abandoned one's
+    assert (loop.reward_model_id, loop.policy_id) == (rm3.id, policy2.id)
+    assert loops.tick(db)[0].action == "started"
+
+
+def test_abandoning_keeps_a_version_set_by_hand_meanwhile(db):
+    campaign = make_campaign(db, slug="loop-abandon-hand", k=2)
+    base, rm = _versions(db)
+    other_rm = ModelVersion(name="other rm", kind=ModelKind.reward, path="models/o")
+    db.add(other_rm)
+    db.flush()
+    loop = loops.configure(db, campaign, _config(base, rm), actor_id=None)
+    _comparisons(db, campaign, 3)
+    [started] = loops.tick(db)
+    _succeed(db, started.job_id, ModelKind.reward, name="rm 2", parent_id=rm.id)
+    loops.tick(db)
+    loops.configure(db, campaign, _config(base, other_rm), actor_id=None)  # chosen by hand
+    loops.abandon(db, loop, actor_id=None)
+    assert loop.reward_model_id == other_rm.id and loop.policy_id == base.id
 
 
 def test_win_rates_come_from_current_human_judgments_of_audit_tasks(db):

@@ -173,8 +173,13 @@ class WinRate:
 
     @property
     def goodhart(self) -> bool:
-        """The reward model says better while people, with enough judgments, do not."""
-        return bool(self.reward_rose) and self.verdict in ("no better", "worse")
+        """The reward model scores the new samples higher while people, with at least
+        MIN_JUDGMENTS judgments, prefer them at most half the time. An interval that merely
+        reaches 50 % is not enough: 8 wins of 10 is "no better" yet clearly preferred."""
+        if not self.reward_rose or self.judgments < MIN_JUDGMENTS:
+            return False
+        # A "worse" verdict (interval below 50 %) always has its point estimate below too.
+        return (self.rate or 0.0) <= 0.5
 
 
 def win_rates(db: Session, new_model_ids: Iterable[int]) -> dict[int, WinRate]:

@@ -151,7 +151,8 @@ def loop_pause(campaign: CampaignArg) -> None:
 
 @loop_cli.command("resume")
 def loop_resume(campaign: CampaignArg) -> None:
-    """Active again; a step whose job died or was cancelled is retried."""
+    """Active again; a step whose job died or was cancelled gets a new job, built from the
+    loop's current options."""
     _change(campaign, "resume")
 
 

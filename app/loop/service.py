@@ -131,6 +131,27 @@ def _queue_policy(db: Session, spec: Any, algorithm: str, actor_id: int | None) 
     return queue[algorithm](db, spec, actor_id=actor_id)
 
 
+def _queue_stage(
+    db: Session,
+    loop: PolicyLoop,
+    campaign: Campaign,
+    iteration: LoopIteration,
+    stage: Stage,
+    actor_id: int | None,
+) -> Job:
+    """Queue the job of `stage` for the iteration from the loop's current options and
+    versions (the policy step reads iteration.reward_model_id, generate its policy_id)."""
+    if stage == Stage.reward:
+        spec = reward_spec(db, loop, campaign, iteration.number)
+        return training.queue_reward_training(db, spec, actor_id=actor_id)
+    if stage == Stage.policy:
+        assert iteration.reward_model_id is not None
+        spec = policy_spec(loop, campaign, iteration.number, iteration.reward_model_id)
+        return _queue_policy(db, spec, loop.algorithm, actor_id)
+    spec = generate_spec(loop, campaign, iteration)
+    return registry.queue_generation(db, spec, actor_id=actor_id)
+
+
 # --- configuring ---------------------------------------------------------------------------
 
 
@@ -236,14 +257,35 @@ def pause(db: Session, loop: PolicyLoop, *, actor_id: int | None, reason: str = 
 
 
 def resume(db: Session, loop: PolicyLoop, *, actor_id: int | None) -> Job | None:
-    """Active again; a step whose job died or was cancelled is retried (returned)."""
-    loop.state = LoopState.active
-    loop.paused_reason = None
-    retried = None
+    """Active again. A step whose job died or was cancelled gets a new job (returned) built
+    from the loop's current options, so options fixed since then apply; the old job stays as
+    it was, for its history. When the new job cannot be queued the loop stays paused with
+    the reason (None is returned)."""
     iteration = open_iteration(db, loop)
     job = current_job(db, iteration) if iteration else None
-    if job is not None and job.state in jobs.RETRYABLE_STATES:
-        retried = jobs.retry(db, job.id, actor_id=actor_id)
+    queued = None
+    if iteration is not None and job is not None and job.state in STOPPED_JOB_STATES:
+        campaign = db.get_one(Campaign, loop.campaign_id)
+        try:
+            with db.begin_nested():  # a spec that fails half-way leaves no job behind
+                queued = _queue_stage(db, loop, campaign, iteration, iteration.stage, actor_id)
+                job_field = f"{iteration.stage.value}_job_id"
+                if not _move(db, iteration, iteration.stage, error=None, **{job_field: queued.id}):
+                    raise RuntimeError("the iteration moved under this resume")
+        except (specs.SpecError, LoopError) as error:
+            reason = f"iteration {iteration.number}: a new {job.kind} job cannot be queued: {error}"
+            _pause(db, loop, reason)
+            audit.record(
+                db,
+                actor_id=actor_id,
+                action="loop.resume",
+                entity_type="policy_loop",
+                entity_id=loop.id,
+                after={"state": loop.state.value, "reason": reason},
+            )
+            return None
+    loop.state = LoopState.active
+    loop.paused_reason = None
     db.flush()
     audit.record(
         db,
@@ -251,14 +293,20 @@ def resume(db: Session, loop: PolicyLoop, *, actor_id: int | None) -> Job | None
         action="loop.resume",
         entity_type="policy_loop",
         entity_id=loop.id,
-        after={"retried_job_id": retried.id if retried else None},
+        after={
+            "queued_job_id": queued.id if queued else None,
+            "replaced_job_id": job.id if queued and job else None,
+        },
     )
-    return retried
+    return queued
 
 
 def abandon(db: Session, loop: PolicyLoop, *, actor_id: int | None) -> LoopIteration | None:
-    """End the open iteration as failed (its running job is cancelled), so that the next one
-    can start from the loop's current versions."""
+    """End the open iteration as failed (its running job is cancelled) and put the loop back
+    where the iteration started: the versions it adopted from it go back to the ones it
+    started from (its parent policy, the reward model its reward job warm-started from),
+    and its comparisons count as new again, so the next iteration need not wait for as many
+    more. A version the loop was set to by hand meanwhile stays."""
     iteration = open_iteration(db, loop)
     if iteration is None:
         return None
@@ -268,6 +316,23 @@ def abandon(db: Session, loop: PolicyLoop, *, actor_id: int | None) -> LoopItera
     iteration.stage = Stage.failed
     iteration.error = iteration.error or "abandoned by an admin"
     iteration.finished_at = utcnow()
+    reward_job = db.get(Job, iteration.reward_job_id) if iteration.reward_job_id else None
+    start_rm_id = (reward_job.config or {}).get("init_model_id") if reward_job else None
+    if iteration.reward_model_id is not None and loop.reward_model_id == iteration.reward_model_id:
+        loop.reward_model_id = start_rm_id
+    if iteration.policy_id is not None and loop.policy_id == iteration.policy_id:
+        loop.policy_id = iteration.parent_policy_id
+    finished_mark = db.scalar(
+        select(func.max(LoopIteration.comparison_mark)).where(
+            LoopIteration.loop_id == loop.id,
+            LoopIteration.number < iteration.number,
+            LoopIteration.stage == Stage.done,
+        )
+    )
+    start_rm = db.get(ModelVersion, start_rm_id) if start_rm_id else None
+    campaign = db.get_one(Campaign, loop.campaign_id)
+    # What the starting reward model was trained on is not new (as when the loop was set up).
+    loop.comparison_mark = max(finished_mark or 0, trained_through(start_rm, campaign))
     db.flush()
     audit.record(
         db,
@@ -275,7 +340,12 @@ def abandon(db: Session, loop: PolicyLoop, *, actor_id: int | None) -> LoopItera
         action="loop.abandon",
         entity_type="policy_loop",
         entity_id=loop.id,
-        after={"iteration": iteration.number},
+        after={
+            "iteration": iteration.number,
+            "policy_id": loop.policy_id,
+            "reward_model_id": loop.reward_model_id,
+            "comparison_mark": loop.comparison_mark,
+        },
     )
     return iteration
 
@@ -290,8 +360,12 @@ def act(db: Session, loop: PolicyLoop, action: str, *, actor_id: int | None) -> 
         pause(db, loop, actor_id=actor_id)
         return "Loop paused."
     if action == "resume":
-        retried = resume(db, loop, actor_id=actor_id)
-        return f"Loop resumed{f'; job {retried.id} retried' if retried else ''}."
+        queued = resume(db, loop, actor_id=actor_id)
+        if loop.state == LoopState.paused:
+            return f"Loop still paused: {loop.paused_reason}."
+        return (
+            f"Loop resumed{f'; job {queued.id} queued with its current options' if queued else ''}."
+        )
     if action == "abandon":
         ended = abandon(db, loop, actor_id=actor_id)
         return f"Iteration {ended.number} abandoned." if ended else "No open iteration."
@@ -402,7 +476,8 @@ def _pause_for(db: Session, loop: PolicyLoop, iteration: LoopIteration, job: Job
     reason = (
         f"iteration {iteration.number}: the {job.kind} job {job.id} is {job.state.value}"
         + (f" ({(job.error or '').splitlines()[0][:300]})" if job.error else "")
-        + "; retry it and resume the loop, or abandon the iteration"
+        + "; fix the step's options if needed and resume (a new job is queued with them),"
+        " or abandon the iteration"
     )
     iteration.error = reason
     step = _pause(db, loop, reason)
@@ -461,13 +536,14 @@ def advance(db: Session, loop: PolicyLoop, iteration: LoopIteration) -> Step | N
     if made is None:  # a handler that succeeded without recording its version
         return _pause_for(db, loop, iteration, job)
     campaign = db.get_one(Campaign, loop.campaign_id)
-    if iteration.stage == Stage.reward:
-        spec = policy_spec(loop, campaign, iteration.number, made.id)
-        queued = _queue_policy(db, spec, loop.algorithm, None)
-        return _hand_over(db, loop, iteration, Stage.policy, queued, "reward_model_id", made)
-    iteration.policy_id = made.id  # generate_spec reads it
-    queued = registry.queue_generation(db, generate_spec(loop, campaign, iteration), actor_id=None)
-    return _hand_over(db, loop, iteration, Stage.generate, queued, "policy_id", made)
+    to_stage, made_field = (
+        (Stage.policy, "reward_model_id")
+        if iteration.stage == Stage.reward
+        else (Stage.generate, "policy_id")
+    )
+    setattr(iteration, made_field, made.id)  # the next step's spec reads it
+    queued = _queue_stage(db, loop, campaign, iteration, to_stage, None)
+    return _hand_over(db, loop, iteration, to_stage, queued, made_field, made)
 
 
 def _nothing_sampled(job: Job) -> str | None:

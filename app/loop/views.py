@@ -195,9 +195,10 @@ def change_loop(
     slug: str,
     action: Literal["pause", "resume", "tick", "abandon"],
 ) -> Response:
-    """Pause (a running job finishes, nothing new starts), resume (a dead or cancelled step's
-    job is retried), tick (check now, as a worker does between jobs), or abandon the open
-    iteration (its job cancelled) so a new one can start."""
+    """Pause (a running job finishes, nothing new starts), resume (a dead or cancelled step
+    gets a new job from the loop's current options), tick (check now, as a worker does
+    between jobs), or abandon the open iteration (its job cancelled, the loop back where it
+    started) so a new one can start."""
     campaign = _campaign(db, slug)
     message = loops.act(db, _loop_or_404(db, campaign), action, actor_id=principal.user.id)
     flash(db, principal, message)
