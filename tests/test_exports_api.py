@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import random
+import re
 import time
 import uuid
 
@@ -516,3 +517,31 @@ def test_a_snapshot_is_built_on_a_background_thread(fresh_database_url, tmp_path
             assert not app.state.export_builder.busy()
     finally:
         database.dispose()
+
+
+def ticked_campaigns(html: str) -> list[str]:
+    """The campaign checkboxes of the new-snapshot form that start ticked."""
+    return re.findall(r'name="campaigns" type="checkbox" value="([^"]+)" checked>', html)
+
+
+def test_the_form_ticks_the_only_campaign_or_the_one_asked_for(
+    client, as_role, judged, db, build_inline
+):
+    csrf = as_role("researcher")
+    page = client.get("/research/exports")
+    assert ticked_campaigns(page.text) == ["quality"]
+    # What the browser sends for the form as it stands is a snapshot, not "choose at least one".
+    created = client.post(
+        "/research/exports",
+        data=form_data(csrf, campaigns=ticked_campaigns(page.text)),
+        follow_redirects=False,
+    )
+    assert created.status_code == 303 and snapshot_count(db) == 1
+
+    make_campaign(db, slug="second")
+    db.commit()
+    assert ticked_campaigns(client.get("/research/exports").text) == []
+    asked = client.get("/research/exports", params={"campaign": "second"})
+    assert ticked_campaigns(asked.text) == ["second"]
+    unknown = client.get("/research/exports", params={"campaign": "no-such"})
+    assert unknown.status_code == 200 and ticked_campaigns(unknown.text) == []

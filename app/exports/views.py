@@ -97,6 +97,15 @@ def field_errors(exc: ValidationError) -> dict[str, str]:
     return errors
 
 
+def preselected(rows: list[Any], wanted: str | None) -> list[str]:
+    """The campaigns the new-snapshot form starts with ticked: `?campaign=SLUG` when it names
+    one, else the only campaign there is (else none)."""
+    slugs = [row.campaign.slug for row in rows]
+    if wanted in slugs:
+        return [wanted]
+    return slugs if len(slugs) == 1 else []
+
+
 def list_context(
     db: Session, *, before: int | None = None, form: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -126,9 +135,13 @@ def exports_page(
     request: Request,
     db: DbSession,
     before: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    campaign: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
-    """The form to create a snapshot and the list of snapshots, newest first."""
-    return render(request, LIST_TEMPLATE, list_context(db, before=before), db=db)
+    """The form to create a snapshot and the list of snapshots, newest first. `?campaign=SLUG`
+    ticks that campaign in the form; with a single campaign it is ticked anyway."""
+    context = list_context(db, before=before)
+    context["form"]["campaigns"] = preselected(context["campaigns"], campaign)
+    return render(request, LIST_TEMPLATE, context, db=db)
 
 
 def _create(
