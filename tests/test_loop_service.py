@@ -266,8 +266,9 @@ def test_resuming_a_dead_policy_step_uses_the_loops_current_policy_options(db):
     assert dead.state == JobState.dead and dead.config["training"]["total_steps"] == 5
 
 
-def test_resuming_keeps_the_loop_paused_when_the_new_job_cannot_be_queued(db):
-    campaign = make_campaign(db, slug="loop-dead-bad", k=2)
+def _paused_on_a_dead_reward_job(db, slug):
+    """A loop whose first iteration's reward job died (the tick paused it): (loop, its start)."""
+    campaign = make_campaign(db, slug=slug, k=2)
     base, rm = _versions(db)
     loop = loops.configure(db, campaign, _config(base, rm), actor_id=None)
     _comparisons(db, campaign, 3)
@@ -275,6 +276,11 @@ def test_resuming_keeps_the_loop_paused_when_the_new_job_cannot_be_queued(db):
     db.get_one(Job, started.job_id).state = JobState.dead
     db.flush()
     loops.tick(db)
+    return loop, started
+
+
+def test_resuming_keeps_the_loop_paused_when_the_new_job_cannot_be_queued(db):
+    loop, started = _paused_on_a_dead_reward_job(db, "loop-dead-bad")
     loop.config = {**loop.config, "reward": {"training": {"epochs": 0}}}  # edited behind
     db.flush()
     jobs_before = db.scalar(select(func.count(Job.id)))
@@ -289,14 +295,7 @@ def test_resuming_keeps_the_loop_paused_when_the_new_job_cannot_be_queued(db):
 
 
 def test_resuming_from_the_loop_page_clears_the_dead_message(db, client, as_role):
-    campaign = make_campaign(db, slug="loop-dead-page", k=2)
-    base, rm = _versions(db)
-    loop = loops.configure(db, campaign, _config(base, rm), actor_id=None)
-    _comparisons(db, campaign, 3)
-    [started] = loops.tick(db)
-    db.get_one(Job, started.job_id).state = JobState.dead
-    db.flush()
-    loops.tick(db)
+    loop, started = _paused_on_a_dead_reward_job(db, "loop-dead-page")
     db.commit()
     as_role("admin")
     page = client.get("/admin/campaigns/loop-dead-page/loop")
