@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.handlers import ConfigError
 from trainer.worker import JobContext
 
 
@@ -87,6 +88,15 @@ def not_json(ctx: JobContext) -> Any:
     return {"value": object()}
 
 
+def misconfigured(ctx: JobContext) -> dict[str, Any]:
+    """A config no attempt can run: a bad spec, or a combination the models refuse."""
+    if ctx.config.get("spec"):
+        from app.jobs.specs import parse_ppo_spec
+
+        parse_ppo_spec({})  # raises SpecError
+    raise ConfigError("value_init='reward' needs the reward model to share the tokenizer")
+
+
 def device(ctx: JobContext) -> dict[str, Any]:
     """Report the device the worker chose."""
     return {"device": ctx.device}
@@ -98,5 +108,6 @@ HANDLERS = {
     "test_record": "tests.job_handlers:record",
     "test_stubborn": "tests.job_handlers:stubborn",
     "test_not_json": not_json,
+    "test_misconfigured": misconfigured,
     "test_device": device,
 }

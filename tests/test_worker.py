@@ -129,6 +129,19 @@ def test_out_of_attempts_is_dead_and_the_worker_keeps_going(settings, database):
     assert job_row(database, ok_id).state is JobState.succeeded
 
 
+def test_a_config_no_attempt_can_run_is_dead_at_once(settings, database):
+    """A SpecError or ConfigError would fail every attempt alike: no retries, no backoff."""
+    spec_id = enqueue(database, "test_misconfigured", {"spec": True}, max_attempts=3)
+    config_id = enqueue(database, "test_misconfigured", max_attempts=3)
+    assert work(settings, database, drain=True, backoff_seconds=0) == 2
+    refused = job_row(database, spec_id)
+    assert (refused.state, refused.attempt) == (JobState.dead, 1)
+    assert refused.error.startswith("attempt 1: SpecError: ")
+    mismatched = job_row(database, config_id)
+    assert (mismatched.state, mismatched.attempt) == (JobState.dead, 1)
+    assert "ConfigError: value_init='reward'" in mismatched.error
+
+
 def test_an_unusable_data_dir_fails_the_attempt_not_the_worker(settings, database, tmp_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")

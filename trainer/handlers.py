@@ -26,6 +26,11 @@ HANDLERS: dict[str, str] = {
 }
 
 
+class ConfigError(ValueError):
+    """A job's config that no attempt can run (a combination the models do not allow): the
+    worker fails the job at once instead of retrying it, as it does a SpecError."""
+
+
 class HandlerError(Exception):
     """A handler module or function cannot be loaded; the message names it."""
 

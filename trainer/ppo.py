@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from trainer.data import Prompt
+from trainer.handlers import ConfigError
 from trainer.modeling import ScalarHeadModel, enable_checkpointing, load_reward_model
 from trainer.rl_math import (
     explained_variance,
@@ -213,11 +214,11 @@ def _load_value_model(
                 problem = str(error)
         if problem is not None:
             if config.value_init == "reward":
-                raise ValueError(problem)
+                raise ConfigError(problem)
             model = None  # auto: the policy's body instead
     if model is None:
         if config.value_init == "reward":
-            raise ValueError("value_init='reward' needs config.reward_model; or use 'policy'")
+            raise ConfigError("value_init='reward' needs config.reward_model; or use 'policy'")
         from transformers import AutoModel
 
         body = AutoModel.from_pretrained(config.policy, dtype=torch.float32)

@@ -52,8 +52,9 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import Database
 from app.jobs import service
+from app.jobs.specs import SpecError
 from app.loop import service as loops
-from trainer.handlers import Handler, registry, resolve
+from trainer.handlers import ConfigError, Handler, registry, resolve
 
 log = logging.getLogger("prefloop.worker")
 
@@ -495,6 +496,10 @@ class Worker:
         except JobStopped:
             outcome = "stopped"
             job_log.info("stopped: %s", attempt.stop_reason)
+        except (SpecError, ConfigError) as exc:  # another attempt would fail alike
+            outcome = "refused"
+            error = f"{type(exc).__name__}: {exc}"
+            job_log.error("failed, not to be retried (its config): %s", error)
         except Exception as exc:
             outcome = "failed"
             error = f"{type(exc).__name__}: {exc}"
@@ -561,7 +566,7 @@ class Worker:
                 job = service.complete(db, lease, result, log_tail=tail)
                 for callback in ctx._on_complete if ctx else ():
                     callback(db)
-            elif outcome == "failed":
+            elif outcome in ("failed", "refused"):
                 job = service.fail(
                     db,
                     lease,
@@ -569,6 +574,7 @@ class Worker:
                     log_tail=tail,
                     backoff_seconds=self.backoff_seconds,
                     max_backoff_seconds=self.max_backoff_seconds,
+                    retry=outcome == "failed",
                 )
             else:
                 job = service.release(db, lease, log_tail=tail)

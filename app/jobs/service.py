@@ -516,16 +516,18 @@ def fail(
     max_backoff_seconds: float = DEFAULT_MAX_BACKOFF_SECONDS,
     rng: random.Random | None = None,
     now: dt.datetime | None = None,
+    retry: bool = True,
 ) -> Job:
     """The attempt failed: back off and retry while attempts remain, else dead (a pending cancel
-    makes it cancelled). Raises LeaseLost if the attempt no longer holds the job."""
+    makes it cancelled); `retry=False` (a config no attempt can run) is dead at once. Raises
+    LeaseLost if the attempt no longer holds the job."""
     now = now or utcnow()
     job = _held(db, lease)
     job.error = f"attempt {job.attempt}: {error}"[:ERROR_CHARS]
     counted = job.attempt - job.uncounted_attempts
     if job.cancel_requested:
         _end_attempt(job, JobState.cancelled, now, log_tail)
-    elif counted < job.max_attempts:
+    elif retry and counted < job.max_attempts:
         _end_attempt(job, JobState.failed, now, log_tail)
         delay = backoff_delay(counted, base=backoff_seconds, cap=max_backoff_seconds, rng=rng)
         job.run_after = now + dt.timedelta(seconds=delay)
