@@ -88,8 +88,8 @@ class RewardFormatter:
         eos = tokenizer.eos_token_id
         if not self.chat and eos is not None and eos not in self.suffix:
             self.suffix = [*self.suffix, eos]
-        self.budget = max_length - len(self.prefix) - len(self.suffix)
-        if self.budget < 1:
+        self.budget = max_length - len(self.suffix)  # for the leading tokens and the text
+        if self.budget - len(self.prefix) < 1:
             raise ValueError(f"max_length {max_length} leaves no room for text")
 
     def _ids(self, text: str) -> list[int]:
@@ -133,8 +133,7 @@ class RewardFormatter:
             pieces = [(self.prefix, prompt_ids, self._ids(c)) for c in completions]
         out = []
         for head, p, c in pieces:
-            budget = self.budget - (len(head) if self.chat else 0)
-            p, c = truncate(p, c, budget)
+            p, c = truncate(p, c, self.budget - len(head))
             out.append(head + p + c + self.suffix)
         return out
 

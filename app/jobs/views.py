@@ -765,17 +765,18 @@ def generate_form(
         # What the selects show when nothing is asked for, so the count matches them.
         newest = select(Campaign.slug).order_by(Campaign.id.desc()).limit(1)  # as listed
         campaign = campaign or db.scalar(newest)
-        if version is None and (policies := registry.list_versions(db, kind="policy")):
-            # The newest trained on this campaign, else the newest of all (as the select).
-            here = campaigns.get_by_slug(db, campaign or "")
-            ours = [m for m in policies if here is not None and m.campaign_id == here.id]
+    found = campaigns.get_by_slug(db, campaign or "")
+    if not is_htmx(request) and version is None:
+        # The newest policy trained on this campaign, else the newest of all (as the select).
+        policies = registry.list_versions(db, kind="policy")
+        ours = [m for m in policies if found is not None and m.campaign_id == found.id]
+        if policies:
             version = (ours or policies)[0]
             chosen = version.id
     form = generate_defaults(campaign, chosen) | {"source": source or "model"}
     panel = is_htmx(request) and request.headers.get("hx-target") == "generate-panel"
     if is_htmx(request) and not panel:
         return render_block(request, GENERATE_TEMPLATE, "due", generate_context(db, form))
-    found = campaigns.get_by_slug(db, campaign or "")
     if version is not None and version.kind == ModelKind.policy and found is not None:
         # A loop's generate options that no longer pass leave the plain defaults.
         with contextlib.suppress(SpecError):
