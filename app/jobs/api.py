@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth.models import Role
-from app.jobs import registry, training
+from app.jobs import generation, registry, training
 from app.jobs import service as jobs
 from app.jobs.models import Job, JobState, ModelVersion
 from app.jobs.specs import (
@@ -83,9 +83,22 @@ def one_job(db: Any, job: Job) -> dict[str, Any]:
     return training.job_json(job, models, names.get(job.created_by_id or 0))
 
 
-@router.post("/jobs", status_code=201)
-def create_job(body: JobIn, db: DbSession, principal: CurrentPrincipal) -> dict[str, Any]:
-    """Queue a job; 422 names a bad option, 404 an unknown campaign. Nothing is queued then."""
+@router.post(
+    "/jobs",
+    status_code=201,
+    responses={
+        200: {
+            "description": "A generate job for the same campaign from the same model or "
+            "endpoint is already queued or running: that job, with `created: false`."
+        }
+    },
+)
+def create_job(
+    body: JobIn, db: DbSession, principal: CurrentPrincipal, response: Response
+) -> dict[str, Any]:
+    """Queue a job; 422 names a bad option, 404 an unknown campaign. Nothing is queued then,
+    nor when a generate job from the same model waits for the campaign (200, that job)."""
+    created = True
     try:
         if body.kind == SCORE_REWARD:
             job = training.queue_scoring(
@@ -108,7 +121,7 @@ def create_job(body: JobIn, db: DbSession, principal: CurrentPrincipal) -> dict[
                 db, parse_dpo_spec(body.config), actor_id=principal.user.id, priority=body.priority
             )
         elif body.kind == GENERATE:
-            job = registry.queue_generation(
+            job, created = generation.queue_unless_waiting(
                 db,
                 parse_generate_spec(body.config),
                 actor_id=principal.user.id,
@@ -123,7 +136,9 @@ def create_job(body: JobIn, db: DbSession, principal: CurrentPrincipal) -> dict[
         db.rollback()
         raise HTTPException(spec_status(error), str(error)) from error
     db.commit()
-    return one_job(db, job)
+    if not created:
+        response.status_code = 200
+    return one_job(db, job) | {"created": created}
 
 
 @router.get("/jobs")

@@ -16,7 +16,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign
+from app.jobs import registry
 from app.jobs.models import Job, JobState, ModelKind, ModelVersion
 from app.jobs.specs import GENERATE, GenerateJobSpec
 from app.loop import service as loop_service
@@ -101,3 +103,15 @@ def waiting_job(db: Session, campaign: Campaign, spec: GenerateJobSpec) -> Job |
         ):
             return job
     return None
+
+
+def queue_unless_waiting(
+    db: Session, spec: GenerateJobSpec, *, actor_id: int | None, priority: int = 0
+) -> tuple[Job, bool]:
+    """Queue the generate job and True, unless `waiting_job` finds one for the same campaign
+    from the same model or endpoint: that one and False, and nothing is queued."""
+    campaign = campaigns.get_by_slug(db, spec.campaign)
+    waiting = waiting_job(db, campaign, spec) if campaign is not None else None
+    if waiting is not None:
+        return waiting, False
+    return registry.queue_generation(db, spec, actor_id=actor_id, priority=priority), True

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from app.cli_support import fail, load_settings, open_database
-from app.jobs import registry, training
+from app.jobs import generation, registry, training
 from app.jobs.specs import SpecError, parse_generate_spec
 
 model_cli = typer.Typer(help="Model versions: register one, list them.", no_args_is_help=True)
@@ -117,7 +117,8 @@ def generate_command(
     priority: Annotated[int, typer.Option(help="The job's priority (higher runs first).")] = 0,
 ) -> None:
     """Queue a job that samples the campaign's K completions for each prompt lacking them and
-    makes tasks of them; a worker runs it."""
+    makes tasks of them; a worker runs it. Nothing is queued while a job from the same model
+    or endpoint waits for the campaign."""
     if (model is None) == (endpoint is None):
         fail("give --model VERSION, or --endpoint URL with --endpoint-model NAME", 2)
     if endpoint is not None and not endpoint_model:
@@ -153,11 +154,19 @@ def generate_command(
             except SpecError as error:
                 fail(str(error), 2)
             try:
-                job = registry.queue_generation(db, spec, actor_id=None, priority=priority)
+                job, queued = generation.queue_unless_waiting(
+                    db, spec, actor_id=None, priority=priority
+                )
             except SpecError as error:
                 fail(str(error), 1)
             db.commit()
             source = f"model version {spec.model_id}" if spec.model_id else f"{endpoint}"
+            if not queued:
+                typer.echo(
+                    f"nothing new was queued: job {job.id} ({job.state.value}) already "
+                    f"generates for {campaign} from {source}; queue another once it has finished"
+                )
+                return
             typer.echo(f"queued job {job.id} (generate for {campaign} from {source})")
             typer.echo(
                 f"  run it with `prefloop worker`; follow it with `prefloop job show {job.id}` "

@@ -808,16 +808,6 @@ def generate_input(form: dict[str, str]) -> dict[str, Any]:
     return raw
 
 
-def queue_unless_waiting(db: Any, principal: Any, spec: GenerateJobSpec) -> tuple[Job, bool]:
-    """Queue the generation job, unless one from the same model for the same campaign is
-    still queued or running (it would find every prompt taken): that one, and False."""
-    campaign = campaigns.get_by_slug(db, spec.campaign)
-    waiting = generation.waiting_job(db, campaign, spec) if campaign is not None else None
-    if waiting is not None:
-        return waiting, False
-    return registry.queue_generation(db, spec, actor_id=principal.user.id), True
-
-
 def _already(db: Any, principal: Any, job: Job, spec: GenerateJobSpec) -> Response:
     flash(
         db,
@@ -834,7 +824,7 @@ def _generate(request: Request, db: Any, principal: Any, form: dict[str, str]) -
     raw = generate_input(form)
     try:
         spec = GenerateJobSpec.model_validate(raw)
-        job, queued = queue_unless_waiting(db, principal, spec)
+        job, queued = generation.queue_unless_waiting(db, spec, actor_id=principal.user.id)
     except (SpecError, ValueError) as error:
         db.rollback()
         message = humane_errors(error) if isinstance(error, ValidationError) else str(error)
@@ -866,7 +856,7 @@ def _generate_now(request: Request, db: Any, principal: Any, model_id: int) -> R
         if model.kind != ModelKind.policy:
             raise SpecError(f"model #{model.id} is a {model.kind.value} model, not a policy")
         spec = generation.version_spec(db, model, campaign)
-        job, queued = queue_unless_waiting(db, principal, spec)
+        job, queued = generation.queue_unless_waiting(db, spec, actor_id=principal.user.id)
     except SpecError as error:
         db.rollback()
         flash(db, principal, f"Nothing was queued: {error}", "error")
