@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.jobs.models import Job, JobState
+from app.jobs.service import attempt_dir
 from app.jobs.specs import PPOJobSpec, PPOTraining, SpecError, parse_ppo_spec
 from app.jobs.training import ppo_warnings
 from app.main import create_app
@@ -37,6 +38,21 @@ def test_the_spec_mirrors_the_trainers_config():
                 "training": {"rollout_batch_size": 4, "minibatch_size": 8},
             }
         )
+
+
+def test_each_process_takes_an_equal_share_of_every_batch():
+    base = {"policy_id": 1, "reward_model_id": 2, "campaigns": ["x"]}
+    two = {"rollout_batch_size": 8, "minibatch_size": 4}
+    assert parse_ppo_spec({**base, "processes": 2, "training": two}).processes == 2
+    assert parse_ppo_spec(base).processes == 1
+    with pytest.raises(SpecError, match=r"rollout_batch_size \(9\) must be a multiple"):
+        parse_ppo_spec({**base, "processes": 2, "training": {**two, "rollout_batch_size": 9}})
+    with pytest.raises(SpecError, match=r"minibatch_size \(4\) must be a multiple"):
+        parse_ppo_spec({**base, "processes": 8, "training": two | {"rollout_batch_size": 16}})
+    with pytest.raises(SpecError, match="processes"):
+        parse_ppo_spec({**base, "processes": 0})
+    with pytest.raises(SpecError, match="sharding"):  # PPO replicates its models (DDP)
+        parse_ppo_spec({**base, "processes": 2, "sharding": "fsdp"})
 
 
 def steps(values: list[float]) -> list[tuple[int, float]]:
@@ -135,6 +151,9 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
     fields = {"policy_id": str(model["id"]), "reward_model_id": str(rm_id), "campaigns": "ppo-live"}
     bad = client.post("/jobs/new/ppo", data={**fields, "learning_rate": "-1"}, headers=auth)
     assert bad.status_code == 422 and "learning_rate" in bad.text
+    uneven = client.post("/jobs/new/ppo", data={**fields, "processes": "3"}, headers=auth)
+    assert uneven.status_code == 422 and "must be a multiple of processes (3)" in uneven.text
+    assert 'name="processes"' in form.text
     good = client.post(
         "/jobs/new/ppo",
         data={
@@ -143,6 +162,7 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
             "adaptive_kl": "true",
             "kl_budget": "3",
             "value_init": "policy",
+            "processes": "2",
         },
         headers=auth,
         follow_redirects=False,
@@ -154,6 +174,7 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
         assert queued.config["training"]["total_steps"] == 7
         assert queued.config["training"]["adaptive_kl"] is True and queued.config["kl_budget"] == 3
         assert queued.config["training"]["value_init"] == "policy"
+        assert queued.config["processes"] == 2 and queued.processes == 2
 
     # one click: the new policy samples completions for its campaign
     made = client.post(f"/models/{model['id']}/generate", headers=auth, follow_redirects=False)
@@ -163,3 +184,50 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
         assert generate.kind == "generate" and generate.state is JobState.queued
         assert generate.config["model_id"] == model["id"]
         assert generate.config["campaign"] == "ppo-live"
+
+
+# PostgreSQL only: the processes never touch the database (the test above runs the same job
+# in one process on both backends), and a launch costs some 10 s of the suite.
+@pytest.mark.postgres_only
+def test_a_two_process_ppo_job_scores_with_its_reward_model_in_each(live):
+    """Through the worker: `processes: 2` launches 2 ranks, each loading the registered
+    reward model and sampling half of every batch; the job gets rank 0's global metrics and
+    the new policy version."""
+    database, settings = live
+    registered = register_models(database, settings, "ppo2", reward_std=1.0)
+    client = TestClient(create_app(settings, database))
+    config = {
+        "policy_id": registered.base_id,
+        "reward_model_id": registered.rm_id,
+        "campaigns": ["ppo2-live"],
+        "processes": 2,
+        "training": {
+            "total_steps": 2,
+            "rollout_batch_size": 4,
+            "minibatch_size": 2,
+            "ppo_epochs": 1,
+            "max_new_tokens": 4,
+            "max_prompt_length": 16,
+            "temperature": 1.0,
+        },
+    }
+    created = client.post(
+        "/api/v1/jobs", json={"kind": "ppo", "config": config}, headers=registered.auth
+    )
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    with database.session() as db:
+        assert db.get_one(Job, job_id).processes == 2  # only a worker with 2 GPUs claims it
+
+    assert work_once(settings, database, "ppo2-worker") == 1
+    job = client.get(f"/api/v1/jobs/{job_id}", headers=registered.auth).json()
+    assert job["state"] == "succeeded", job["error"]
+    [model] = job["models"]
+    assert model["algorithm"] == "ppo" and model["parent_id"] == registered.base_id
+    assert model["metrics"]["training"]["processes"] == 2
+    series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=registered.auth).json()["series"]
+    assert [step for step, _ in series["reward/raw"]] == [1, 2]
+    # the global batch: 4 responses of 1 to 4 tokens each
+    assert all(4 <= tokens <= 16 for _, tokens in series["tokens/response"])
+    launch_dir = attempt_dir(settings.data_dir, job_id, 1) / "launch"
+    assert (launch_dir / "launch.log").is_file()  # it ran in launched processes

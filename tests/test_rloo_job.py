@@ -43,6 +43,12 @@ def test_the_spec_refuses_what_rloo_cannot_run():
     with pytest.raises(SpecError, match="campaigns"):
         parse_rloo_spec({**base, "campaigns": []})
     assert parse_rloo_spec({**base, "training": {"k": 2}}).training.k == 2
+    # each of the processes takes whole prompts (all k answers) and an equal minibatch share
+    assert parse_rloo_spec({**base, "processes": 4}).processes == 4  # 16 prompts per step
+    with pytest.raises(SpecError, match=r"prompts_per_step \(16\) must be a multiple"):
+        parse_rloo_spec({**base, "processes": 3})
+    with pytest.raises(SpecError, match=r"minibatch_size \(6\) must be a multiple"):
+        parse_rloo_spec({**base, "processes": 4, "training": {"minibatch_size": 6}})
 
 
 def test_an_rloo_job_makes_a_new_policy_version(live, monkeypatch):
@@ -144,8 +150,11 @@ def test_an_rloo_job_makes_a_new_policy_version(live, monkeypatch):
         assert refused_cli.exit_code == 2 and "training.k" in refused_cli.output
         unknown = runner.invoke(app.cli.cli, [*args[:3], "nope", *args[4:], "--campaign", "x"])
         assert unknown.exit_code == 1 and "--policy: no model version 'nope'" in unknown.output
+        uneven = runner.invoke(app.cli.cli, [*args, "--campaign", "rloo-live", "--processes", "3"])
+        assert uneven.exit_code == 2 and "prompts_per_step (16) must be a multiple" in uneven.output
         queued_cli = runner.invoke(
-            app.cli.cli, [*args, "--campaign", "rloo-live", "--k", "5", "--steps", "2"]
+            app.cli.cli,
+            [*args, "--campaign", "rloo-live", "--k", "5", "--steps", "2", "--processes", "2"],
         )
         assert queued_cli.exit_code == 0, queued_cli.output
         assert "(rloo, k=5, on rloo-live)" in queued_cli.output
@@ -155,3 +164,4 @@ def test_an_rloo_job_makes_a_new_policy_version(live, monkeypatch):
         newest = db.get_one(Job, int(queued_cli.output.split()[2]))
         assert newest.kind == "rloo" and newest.config["policy_id"] == base_id
         assert newest.config["training"]["k"] == 5 and newest.config["training"]["total_steps"] == 2
+        assert newest.processes == 2

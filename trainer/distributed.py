@@ -298,6 +298,34 @@ class Distributed:
         torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM)
         return total.to(tensor.device)
 
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor`, (b,) or (b, R), stacked in rank order on every rank: the
+        global batch's (world_size * b, ...) numbers. The ranks' R may differ (each rank's
+        responses end where its own longest does): the narrower ones are right-padded with
+        zeros, which a mask of the same width marks as padding. Every rank must have b rows.
+        One process: `tensor` itself."""
+        if not self.active:
+            return tensor
+        flag = tensor.dtype == torch.bool
+        if flag:  # not every backend gathers bools
+            tensor = tensor.to(torch.uint8)
+        if tensor.dim() == 2:
+            width = torch.tensor([tensor.shape[1]], device=tensor.device)
+            torch_dist.all_reduce(width, op=torch_dist.ReduceOp.MAX)
+            tensor = nn.functional.pad(tensor, (0, int(width.item()) - tensor.shape[1]))
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch_dist.all_gather(parts, tensor.contiguous())
+        rows = torch.cat(parts)
+        return rows.bool() if flag else rows
+
+    def mine(self, rows: int) -> slice:
+        """This rank's rows of a `gather_rows` result whose ranks had `rows` rows each."""
+        return slice(self.rank * rows, (self.rank + 1) * rows)
+
+    def mean(self, values: Sequence[float]) -> list[float]:
+        """Each value averaged over ranks (every rank gets the means); one process: unchanged."""
+        return [total / self.world_size for total in self.sum(values)]
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on any: a stop at the same step everywhere."""
         if not self.active:

@@ -6,8 +6,8 @@ RUN_DIR holds `payload.pkl`, written by the worker: the trainer to call ("module
 e.g. "trainer.reward:train"), its arguments, the device kind and the sharding ("none": DDP,
 "fsdp": FSDP2). Every rank calls
 `function(*args, **kwargs, dist=..., on_metric=..., on_progress=..., should_stop=...)`; the
-function must accept those keywords (trainer.reward.train, trainer.sft.train and
-trainer.dpo.train do). Rank 0 appends its metrics and progress to `events.jsonl` for the
+function must accept those keywords (the `train` of trainer.reward, trainer.sft,
+trainer.dpo, trainer.ppo and trainer.rloo do). Rank 0 appends its metrics and progress to `events.jsonl` for the
 worker to forward, and writes the function's return value to `result.pkl`. A `STOP` file (the worker's stop request), or the
 worker's death, stops every rank at the same step: they checkpoint and exit.
 

@@ -25,6 +25,14 @@ One PPO step:
    value loss, gradient clipping, one AdamW over the policy and value model.
 5. The KL controller updates beta from the batch's KL; metrics go to `on_metric`.
 
+In several data-parallel processes (`dist`, trainer/distributed.py; a job's `"processes": N`)
+each rank samples, scores and trains on its 1/N of every rollout batch and minibatch, the
+models replicated and their gradients averaged (DDP). Step 3 and the metrics are the global
+batch's: the ranks pool their per-token numbers (`dist.gather_rows`), so GAE, whitening, the
+KL controller and every logged number are the one-process formulas on all B responses. Each
+rank draws its own samples (its own seed), so N processes follow a run of the same batch
+sizes in distribution, not sample for sample.
+
 The policy and reference loading, sampling, log-probs, reward-model wrapper, checkpoint and
 metrics plumbing are trainer/rollout.py's, shared with RLOO (trainer/rloo.py); the value
 model is PPO's own, here. Nothing here knows about the database; the worker's job handler
@@ -45,6 +53,7 @@ import torch
 from torch import nn
 
 from trainer.data import Prompt
+from trainer.distributed import SINGLE, Distributed, Forward, shard
 from trainer.handlers import ConfigError
 from trainer.modeling import ScalarHeadModel, enable_checkpointing, load_reward_model
 from trainer.rl_math import (
@@ -79,6 +88,7 @@ from trainer.rollout import (
     mixed_precision,
     open_run,
     optimizer_and_schedule,
+    per_rank,
     position_ids,
     prompt_indices,
     record_metrics,
@@ -88,6 +98,7 @@ from trainer.rollout import (
     rollout_metrics,
     sampling_config,
     score_responses,
+    seed_ranks,
 )
 from trainer.runtime import seed_everything
 
@@ -262,6 +273,7 @@ def train(
     on_metric: Callable[[int, str, float], None] = lambda step, name, value: None,
     on_progress: Callable[[float, str], None] = lambda fraction, message: None,
     should_stop: Callable[[], bool] = lambda: False,
+    dist: Distributed = SINGLE,
 ) -> PPOResult:
     """Optimise config.policy with PPO on `prompts` against `reward_fn` (default: the
     config's reward model), and save it to output_dir.
@@ -269,9 +281,14 @@ def train(
     `should_stop()` is asked before every PPO step; when it says True, a resumable checkpoint
     goes to output_dir/checkpoint and the result has stopped=True. Calling `train` again with
     the same arguments resumes it exactly (RNG states included). `on_metric(step, name,
-    value)` gets every metric of every step."""
-    output_dir, device = open_run(config, prompts, output_dir, reward_fn, device)
+    value)` gets every metric of every step. `dist`: one of several data-parallel processes
+    (see the module's docstring); rank 0 reports, checkpoints and saves."""
+    output_dir, device = open_run(config, prompts, output_dir, reward_fn, device, dist)
     precision = mixed_precision(config.bf16, device)
+    B, fwd = config.rollout_batch_size, config.forward_batch_size
+    b = per_rank(B, dist, "rollout_batch_size")  # this rank's responses per step
+    minibatch_size = per_rank(config.minibatch_size, dist, "minibatch_size")  # this rank's
+    micro_size = config.micro_batch_size or minibatch_size
 
     # ---- models: seeded first, since a fresh value head is randomly initialised
     seed_everything(config.seed)
@@ -305,6 +322,7 @@ def train(
     checkpoint = RunCheckpoint(
         output_dir,
         fingerprint(config, prompts),
+        dist,
         policy=policy,
         value=value_model,
         optimizer=optimizer,
@@ -312,55 +330,71 @@ def train(
         kl=kl_ctl,
     )
     total = config.total_steps
+    seed_ranks(config.seed, dist)  # several processes: each samples its own responses
     done, last_metrics, history = checkpoint.resume(on_progress, total)
+    # What the PPO epochs run forward and backward: DDP replicas that average the ranks'
+    # gradients (one process: the models themselves). Sampling and scoring use the models.
+    policy_forward = dist.wrap(policy)
+    value_forward = dist.wrap(Forward(value_model, response_values))
 
-    micro_size = config.micro_batch_size or config.minibatch_size
-    B, fwd = config.rollout_batch_size, config.forward_batch_size
     while done < total:
-        if should_stop():
+        if dist.any(should_stop()):
             checkpoint.save(done, last_metrics, history)
             on_progress(done / total, f"stopped at step {done}/{total}")
             return PPOResult(str(output_dir), dict(last_metrics), True, done, total, history)
         timer = Timer(device)
         began = time.perf_counter()
-        indices = prompt_indices(len(prompts), done, B, config.seed)
+        # this rank's b of the step's B prompts (one process: all of them)
+        indices = shard(
+            prompt_indices(len(prompts), done, B, config.seed), dist.rank, dist.world_size
+        )
         batch_prompts = [prompts[i] for i in indices]
         query, query_mask = left_pad([prompt_ids[i] for i in indices], tokenizer.pad_token_id)
-        query, query_mask = query.to(device), query_mask.to(device)  # (B, P)
+        query, query_mask = query.to(device), query_mask.to(device)  # (b, P)
 
         # ---- 1. rollout: sample responses with the KV cache, stop at EOS
         policy.eval()
         value_model.eval()
         with timer.phase("generate"), torch.no_grad(), precision():
             rollout = generate_rollout(policy, query, query_mask, generation, fwd)
-        query_response, attention = rollout.query_response, rollout.attention  # (B, P + R)
-        P, fmask = rollout.context_length, rollout.mask.float()  # fmask (B, R)
+        query_response, attention = rollout.query_response, rollout.attention  # (b, P + R)
+        P, fmask = rollout.context_length, rollout.mask.float()  # fmask (b, R)
 
         # ---- 2. score: old log-probs, reference log-probs, values, rewards
         with timer.phase("score"), torch.no_grad():
             with precision():
                 old_logprobs, ref_logprobs, entropy = rollout_logprobs(
                     policy, reference, rollout, config.temperature, fwd
-                )  # (B, R) each
+                )  # (b, R) each
                 old_values = torch.cat(
                     [
                         response_values(value_model, query_response[c], attention[c], P)
-                        for c in chunks(B, fwd)
+                        for c in chunks(b, fwd)
                     ]
-                )  # (B, R)
+                )  # (b, R)
             texts = decode_responses(tokenizer, rollout)
             score, raw_score = score_responses(
                 reward_fn, batch_prompts, texts, rollout.contains_eos, config.missing_eos_penalty
-            )  # (B,) each
+            )  # (b,) each
 
-            # ---- 3. per-token rewards (score - beta * KL), GAE, whitened advantages
+            # ---- 3. per-token rewards (score - beta * KL), GAE, whitened advantages, of the
+            # global batch: the ranks' numbers pooled (one process: these very tensors)
+            pool = dist.gather_rows
+            all_mask, all_values = pool(fmask), pool(old_values)  # (B, R_max)
+            all_old, all_ref = pool(old_logprobs), pool(ref_logprobs)  # (B, R_max)
+            all_score, all_raw = pool(score), pool(raw_score)  # (B,)
             beta = kl_ctl.value
-            kl = kl_k1(old_logprobs, ref_logprobs) * fmask  # (B, R)
-            rewards = per_token_rewards(score, kl, beta, fmask)  # (B, R)
+            kl = kl_k1(all_old, all_ref) * all_mask  # (B, R_max)
+            rewards = per_token_rewards(all_score, kl, beta, all_mask)  # (B, R_max)
             if config.whiten_rewards:
-                rewards = masked_whiten(rewards, fmask, shift_mean=False)
-            advantages, returns = gae(rewards, old_values, fmask, config.gamma, config.lam)
-            advantages = masked_whiten(advantages, fmask)  # (B, R)
+                rewards = masked_whiten(rewards, all_mask, shift_mean=False)
+            all_advantages, all_returns = gae(
+                rewards, all_values, all_mask, config.gamma, config.lam
+            )
+            all_advantages = masked_whiten(all_advantages, all_mask)  # (B, R_max)
+            R = fmask.shape[1]  # this rank's rows, back to its own response width
+            advantages = all_advantages[dist.mine(b), :R]  # (b, R)
+            returns = all_returns[dist.mine(b), :R]  # (b, R)
 
         # ---- 4. PPO epochs over shuffled minibatches
         policy.train()
@@ -368,29 +402,38 @@ def train(
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "akl", "gn")}
         with timer.phase("train"):
             for _ in range(config.ppo_epochs):
-                order = torch.randperm(B)
-                for start in range(0, B, config.minibatch_size):
-                    minibatch = order[start : start + config.minibatch_size].to(device)
-                    minibatch_tokens = fmask[minibatch].sum()
-                    for micro in minibatch.split(micro_size):
+                order = torch.randperm(b)
+                for start in range(0, b, minibatch_size):
+                    minibatch = order[start : start + minibatch_size].to(device)
+                    # the global minibatch's tokens: every rank's share of its mean
+                    (minibatch_tokens,) = dist.sum([fmask[minibatch].sum().item()])
+                    micros = minibatch.split(micro_size)
+                    for i, micro in enumerate(micros):
                         qr, att = query_response[micro], attention[micro]
                         m = fmask[micro]
-                        with precision():
-                            new_logprobs, logits = response_logprobs(
-                                policy, qr, att, P, config.temperature
+                        # DDP averages the gradients once, after the last micro-batch
+                        sync = i == len(micros) - 1
+                        with dist.no_sync(policy_forward, sync), dist.no_sync(value_forward, sync):
+                            with precision():
+                                new_logprobs, logits = response_logprobs(
+                                    policy_forward, qr, att, P, config.temperature
+                                )
+                                del logits
+                                values = value_forward(qr, att, P)
+                            pg_loss, clip_frac, approx_kl = policy_loss(
+                                new_logprobs,
+                                old_logprobs[micro],
+                                advantages[micro],
+                                m,
+                                config.clip_eps,
                             )
-                            del logits
-                            values = response_values(value_model, qr, att, P)
-                        pg_loss, clip_frac, approx_kl = policy_loss(
-                            new_logprobs, old_logprobs[micro], advantages[micro], m, config.clip_eps
-                        )
-                        vf_loss, vf_clip = value_loss(
-                            values, old_values[micro], returns[micro], m, config.value_clip
-                        )
-                        # Token-weighted: accumulated micro-batches add up to the
-                        # minibatch's own token mean, whatever their response lengths.
-                        share = m.sum() / minibatch_tokens
-                        ((pg_loss + config.vf_coef * vf_loss) * share).backward()
+                            vf_loss, vf_clip = value_loss(
+                                values, old_values[micro], returns[micro], m, config.value_clip
+                            )
+                            # Token-weighted: accumulated micro-batches (and ranks) add up
+                            # to the minibatch's own token mean, whatever their lengths.
+                            share = m.sum() / minibatch_tokens
+                            dist.backward((pg_loss + config.vf_coef * vf_loss) * share)
                         stats["pg"].append(pg_loss.item())
                         stats["vf"].append(vf_loss.item())
                         stats["clip"].append(clip_frac.item())
@@ -403,26 +446,28 @@ def train(
         learning_rate = scheduler.get_last_lr()[0]
         scheduler.step()
 
-        # ---- 5. the KL controller, metrics
+        # ---- 5. the KL controller, metrics (of the global batch; the losses averaged)
         kl_per_response = kl.sum(dim=1)  # (B,)
         kl_ctl.update(kl_per_response.mean().item(), B)
         done += 1
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        names = ("pg", "vf", "clip", "vclip", "akl")
+        averages = dist.mean([sum(stats[n]) / len(stats[n]) for n in names])
+        avg = dict(zip(names, averages, strict=True))
         metrics = {
-            "reward/raw": raw_score.mean().item(),
-            "reward/normalized": score.mean().item(),
-            "reward/rlhf": (score - beta * kl_per_response).mean().item(),
+            "reward/raw": all_raw.mean().item(),
+            "reward/normalized": all_score.mean().item(),
+            "reward/rlhf": (all_score - beta * kl_per_response).mean().item(),
             "kl/k1": kl_per_response.mean().item(),
-            "kl/k3": (kl_k3(old_logprobs, ref_logprobs) * fmask).sum(1).mean().item(),
+            "kl/k3": (kl_k3(all_old, all_ref) * all_mask).sum(1).mean().item(),
             "kl/beta": beta,
-            "policy/entropy": masked_mean(entropy, fmask).item(),
-            "policy/loss": mean(stats["pg"]),
-            "policy/clip_frac": mean(stats["clip"]),
-            "policy/approx_kl": mean(stats["akl"]),
-            "value/loss": mean(stats["vf"]),
-            "value/clip_frac": mean(stats["vclip"]),
-            "value/explained_variance": explained_variance(old_values, returns, fmask),
-            **rollout_metrics(rollout, raw_score, learning_rate, stats["gn"], timer, began),
+            "policy/entropy": masked_mean(pool(entropy), all_mask).item(),
+            "policy/loss": avg["pg"],
+            "policy/clip_frac": avg["clip"],
+            "policy/approx_kl": avg["akl"],
+            "value/loss": avg["vf"],
+            "value/clip_frac": avg["vclip"],
+            "value/explained_variance": explained_variance(all_values, all_returns, all_mask),
+            **rollout_metrics(rollout, all_raw, learning_rate, stats["gn"], timer, began, dist),
         }
         last_metrics = record_metrics(done, metrics, history, on_metric)
         on_progress(done / total, f"step {done}/{total}, reward {metrics['reward/normalized']:.3f}")
@@ -444,5 +489,6 @@ def train(
         prompts=len(prompts),
         checkpoint=checkpoint,
         on_progress=on_progress,
+        dist=dist,
     )
     return PPOResult(str(output_dir), dict(last_metrics), False, done, total, history)

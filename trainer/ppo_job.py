@@ -5,7 +5,8 @@ campaigns' prompts, and becomes a new policy version.
    their messages), at most `max_prompts`. The first attempt writes the list to the job's
    checkpoint folder; later attempts resume on exactly that list.
 2. `trainer.ppo.train` in the checkpoint folder, which every attempt shares: a stopped or
-   killed worker's job resumes from the last checkpoint (every `checkpoint_every` steps).
+   killed worker's job resumes from the last checkpoint (every `checkpoint_every` steps). In
+   the worker's process, or in `processes` data-parallel ones (trainer/launch.py).
 3. The policy moves to `PREFLOOP_DATA_DIR/models/ppo-<job>-<attempt>` and a
    `ModelVersion(kind=policy, algorithm=ppo, parent=the starting policy)` is recorded with the
    fenced success.
@@ -17,7 +18,8 @@ and `publish_policy`, below `run`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +32,8 @@ from app.labeling.models import Prompt
 from trainer.model_versions import finite, publish
 from trainer.ppo import PPOConfig, train
 from trainer.rollout import OnPolicyConfig
+from trainer.training_job import train_in_job
+from trainer.training_job import trainer_config as config_from_spec
 
 PROMPTS_FILE = "prompts.json"
 
@@ -53,7 +57,7 @@ def run(ctx: Any) -> dict[str, Any]:
         job.reward_path,
     )
     config = ppo_config(spec, job.policy_path, job.reward_path)
-    result = train(config, job.prompts, job.work_dir, **train_callbacks(ctx))
+    result = train_policy(ctx, spec, train, config, job)
     return publish_policy(ctx, spec, result, job, "ppo")
 
 
@@ -91,9 +95,7 @@ def read_job_inputs(ctx: Any, spec: PolicyJobSpec) -> JobInputs:
 def trainer_config(config: type[C], spec: PolicyJobSpec, policy: str, reward_model: str) -> C:
     """A trainer's config (PPOConfig, RLOOConfig) from the spec's training options, which
     have the config's field names (tests hold them equal)."""
-    names = {f.name for f in fields(config)}
-    options = {k: v for k, v in spec.training.model_dump().items() if k in names}
-    return config(policy=policy, reward_model=reward_model, **options)
+    return config_from_spec(config, spec, policy=policy, reward_model=reward_model)
 
 
 def job_model_paths(db: Session, spec: PolicyJobSpec, data_dir: Path) -> tuple[str, str]:
@@ -146,31 +148,34 @@ def job_prompts(db: Session, spec: PolicyJobSpec, checkpoint: Path) -> list[Any]
     return prompts
 
 
-def train_callbacks(ctx: Any) -> dict[str, Any]:
-    """The trainer's device and callbacks from the job: metrics and progress to the job (the
-    last 2% is for publishing), and the worker's stop request."""
-    return {
-        "device": ctx.device,
-        "on_metric": ctx.metric,
-        "on_progress": lambda fraction, message: ctx.report(0.98 * fraction, message),
-        "should_stop": ctx.should_stop,
-    }
+def train_policy(
+    ctx: Any, spec: PolicyJobSpec, train: Callable[..., Any], config: Any, job: JobInputs
+) -> Any:
+    """`train(config, prompts, work_dir)` (trainer.ppo.train, trainer.rloo.train) in the
+    worker's process or in `spec.processes` data-parallel ones, with the job's device,
+    metrics, progress (the last 2% is for publishing) and stop request. A run that stopped
+    raises JobStopped, for the worker to requeue or cancel the job."""
+    return train_in_job(
+        ctx,
+        train,
+        spec.processes,
+        (config, job.prompts, job.work_dir),
+        on_progress=lambda fraction, message: ctx.report(0.98 * fraction, message),
+    )
 
 
 def publish_policy(
     ctx: Any, spec: PolicyJobSpec, result: Any, job: JobInputs, algorithm: str
 ) -> dict[str, Any]:
     """The finished run as a new policy version whose parent is the starting policy (the
-    job's result); a stopped run raises JobStopped, for the worker to requeue or cancel."""
-    if result.stopped:
-        ctx.check_stop()  # raises JobStopped: the worker requeues or cancels the job
-        raise RuntimeError("training stopped without a stop request")
+    job's result)."""
     summary = {
         "training": {
             "config": spec.training.model_dump(),
             "policy_id": spec.policy_id,
             "reward_model_id": spec.reward_model_id,
             "campaigns": spec.campaigns,
+            "processes": spec.processes,
         },
         "data": {"prompts": len(job.prompts)},
         "eval": finite(result.metrics),

@@ -29,6 +29,11 @@ One RLOO step, B = prompts_per_step * k responses:
    grad = -A * grad log pi(response | prompt). Gradient clipping, AdamW.
 5. The KL controller updates beta from the batch's KL; metrics go to `on_metric`.
 
+In several data-parallel processes (`dist`; a job's `"processes": N`) each rank samples,
+scores and trains on 1/N of every step's prompts (all k answers of each) and of every
+minibatch, as PPO does (trainer/ppo.py): the rewards are pooled, so the baselines, the
+whitening, the KL controller and the metrics are those of the global batch.
+
 The policy and reference loading, sampling, log-probs, reward-model wrapper, checkpoint and
 metrics plumbing are trainer/rollout.py's, shared with PPO (trainer/ppo.py); nothing here
 knows about the database (trainer/rloo_job.py reads the prompts and records the saved
@@ -46,6 +51,7 @@ import torch
 from torch import nn
 
 from trainer.data import Prompt
+from trainer.distributed import SINGLE, Distributed, shard
 from trainer.rl_math import (
     kl_k1,
     kl_k3,
@@ -75,6 +81,7 @@ from trainer.rollout import (
     mixed_precision,
     open_run,
     optimizer_and_schedule,
+    per_rank,
     prompt_indices,
     record_metrics,
     response_logprobs,
@@ -83,6 +90,7 @@ from trainer.rollout import (
     rollout_metrics,
     sampling_config,
     score_responses,
+    seed_ranks,
 )
 from trainer.runtime import seed_everything
 
@@ -160,6 +168,7 @@ def train(
     on_metric: Callable[[int, str, float], None] = lambda step, name, value: None,
     on_progress: Callable[[float, str], None] = lambda fraction, message: None,
     should_stop: Callable[[], bool] = lambda: False,
+    dist: Distributed = SINGLE,
 ) -> RLOOResult:
     """Optimise config.policy with RLOO on `prompts` against `reward_fn` (default: the
     config's reward model), and save it to output_dir.
@@ -167,9 +176,15 @@ def train(
     `should_stop()` is asked before every step; when it says True, a resumable checkpoint
     goes to output_dir/checkpoint and the result has stopped=True. Calling `train` again with
     the same arguments resumes it exactly (RNG states included). `on_metric(step, name,
-    value)` gets every metric of every step."""
-    output_dir, device = open_run(config, prompts, output_dir, reward_fn, device)
+    value)` gets every metric of every step. `dist`: one of several data-parallel processes
+    (see the module's docstring); rank 0 reports, checkpoints and saves."""
+    output_dir, device = open_run(config, prompts, output_dir, reward_fn, device, dist)
     precision = mixed_precision(config.bf16, device)
+    N, k, B, fwd = config.prompts_per_step, config.k, config.batch_size, config.forward_batch_size
+    n = per_rank(N, dist, "prompts_per_step")  # this rank's prompts per step
+    b = n * k  # and responses
+    minibatch_size = per_rank(config.minibatch_size or B, dist, "minibatch_size")  # this rank's
+    micro_size = config.micro_batch_size or minibatch_size
 
     # ---- models: the policy, and a frozen reference (or the policy with LoRA off)
     seed_everything(config.seed)
@@ -191,93 +206,104 @@ def train(
     checkpoint = RunCheckpoint(
         output_dir,
         fingerprint(config, prompts),  # the config's fields but checkpoint_every
+        dist,
         policy=policy,
         optimizer=optimizer,
         scheduler=scheduler,
         kl=kl_ctl,
     )
     total = config.total_steps
+    seed_ranks(config.seed, dist)  # several processes: each samples its own responses
     done, last_metrics, history = checkpoint.resume(on_progress, total)
+    policy_forward = dist.wrap(policy)  # DDP for the updates (one process: the policy)
 
-    N, k, B, fwd = config.prompts_per_step, config.k, config.batch_size, config.forward_batch_size
-    minibatch_size = config.minibatch_size or B
-    micro_size = config.micro_batch_size or minibatch_size
     while done < total:
-        if should_stop():
+        if dist.any(should_stop()):
             checkpoint.save(done, last_metrics, history)
             on_progress(done / total, f"stopped at step {done}/{total}")
             return RLOOResult(str(output_dir), dict(last_metrics), True, done, total, history)
         timer = Timer(device)
         began = time.perf_counter()
-        indices = prompt_indices(len(prompts), done, N, config.seed)  # (N,) prompts
+        # this rank's n of the step's N prompts (one process: all of them)
+        indices = shard(
+            prompt_indices(len(prompts), done, N, config.seed), dist.rank, dist.world_size
+        )
         batch_prompts = [prompts[i] for i in indices for _ in range(k)]  # each k times
         query, query_mask = left_pad([prompt_ids[i] for i in indices], tokenizer.pad_token_id)
-        # Rows n*k .. n*k + k-1 answer prompt n, so rewards.view(N, k) groups them.
-        query = query.repeat_interleave(k, dim=0).to(device)  # (B, P)
-        query_mask = query_mask.repeat_interleave(k, dim=0).to(device)  # (B, P)
+        # Rows j*k .. j*k + k-1 answer prompt j, so rewards.view(-1, k) groups them (pooled
+        # too: each rank's rows are whole groups).
+        query = query.repeat_interleave(k, dim=0).to(device)  # (b, P)
+        query_mask = query_mask.repeat_interleave(k, dim=0).to(device)  # (b, P)
 
         # ---- 1. rollout: k responses per prompt with the KV cache, stop at EOS
         policy.eval()
         with timer.phase("generate"), torch.no_grad(), precision():
             rollout = generate_rollout(policy, query, query_mask, generation, fwd)
-        query_response, attention = rollout.query_response, rollout.attention  # (B, P + R)
-        P, fmask = rollout.context_length, rollout.mask.float()  # fmask (B, R)
+        query_response, attention = rollout.query_response, rollout.attention  # (b, P + R)
+        P, fmask = rollout.context_length, rollout.mask.float()  # fmask (b, R)
 
         # ---- 2. score: old log-probs, reference log-probs, rewards
         with timer.phase("score"), torch.no_grad():
             with precision():
                 old_logprobs, ref_logprobs, entropy = rollout_logprobs(
                     policy, reference, rollout, config.temperature, fwd
-                )  # (B, R) each
+                )  # (b, R) each
             texts = decode_responses(tokenizer, rollout)
             score, raw_score = score_responses(
                 reward_fn, batch_prompts, texts, rollout.contains_eos, config.missing_eos_penalty
-            )  # (B,) each
+            )  # (b,) each
 
-            # ---- 3. one reward per response (score - beta * sequence KL), LOO advantages
+            # ---- 3. one reward per response (score - beta * sequence KL), LOO advantages,
+            # of the global batch: the ranks' numbers pooled (one process: these tensors)
+            pool = dist.gather_rows
             beta = kl_ctl.value
-            kl = kl_k1(old_logprobs, ref_logprobs) * fmask  # (B, R)
-            rewards = sequence_kl_rewards(score, kl, beta, fmask)  # (B,)
+            kl = kl_k1(old_logprobs, ref_logprobs) * fmask  # (b, R)
+            rewards = pool(sequence_kl_rewards(score, kl, beta, fmask))  # (B,)
             grouped = rewards.view(N, k)  # (N, k): the k responses to each prompt
             baseline = rloo_baseline(grouped)  # (N, k)
-            advantages = rloo_advantages(grouped).flatten()  # (B,)
+            all_advantages = rloo_advantages(grouped).flatten()  # (B,)
             if config.whiten_advantages:
-                advantages = masked_whiten(advantages, torch.ones_like(advantages))
-            old_sequence_logprobs = (old_logprobs * fmask).sum(dim=1)  # (B,)
+                all_advantages = masked_whiten(all_advantages, torch.ones_like(all_advantages))
+            advantages = all_advantages[dist.mine(b)]  # (b,): this rank's responses
+            old_sequence_logprobs = (old_logprobs * fmask).sum(dim=1)  # (b,)
 
         # ---- 4. clipped REINFORCE over shuffled minibatches, one action per response
         policy.train()
         stats: dict[str, list[float]] = {name: [] for name in ("pg", "clip", "akl", "gn")}
         with timer.phase("train"):
             for _ in range(config.epochs):
-                order = torch.randperm(B)
-                for start in range(0, B, minibatch_size):
+                order = torch.randperm(b)
+                for start in range(0, b, minibatch_size):
                     minibatch = order[start : start + minibatch_size].to(device)
-                    for micro in minibatch.split(micro_size):
+                    micros = minibatch.split(micro_size)
+                    for i, micro in enumerate(micros):
                         m = fmask[micro]
-                        with precision():
-                            new_logprobs, logits = response_logprobs(
-                                policy,
-                                query_response[micro],
-                                attention[micro],
-                                P,
-                                config.temperature,
+                        # DDP averages the gradients once, after the last micro-batch
+                        with dist.no_sync(policy_forward, sync=i == len(micros) - 1):
+                            with precision():
+                                new_logprobs, logits = response_logprobs(
+                                    policy_forward,
+                                    query_response[micro],
+                                    attention[micro],
+                                    P,
+                                    config.temperature,
+                                )
+                                del logits
+                            # policy_loss on (m, 1): the ratio is the whole response's,
+                            # exp(sum_t log pi - sum_t log pi_old), and the loss a mean over
+                            # responses; at ratio 1 its gradient is -A * grad log pi(y | x).
+                            new_sequence_logprobs = (new_logprobs * m).sum(dim=1)  # (m,)
+                            pg_loss, clip_frac, _ = policy_loss(
+                                new_sequence_logprobs[:, None],
+                                old_sequence_logprobs[micro][:, None],
+                                advantages[micro][:, None],
+                                torch.ones_like(new_sequence_logprobs[:, None]),
+                                config.clip_eps,
                             )
-                            del logits
-                        # policy_loss on (b, 1): the ratio is the whole response's,
-                        # exp(sum_t log pi - sum_t log pi_old), and the loss a mean over
-                        # responses; at ratio 1 its gradient is -A * grad log pi(y | x).
-                        new_sequence_logprobs = (new_logprobs * m).sum(dim=1)  # (b,)
-                        pg_loss, clip_frac, _ = policy_loss(
-                            new_sequence_logprobs[:, None],
-                            old_sequence_logprobs[micro][:, None],
-                            advantages[micro][:, None],
-                            torch.ones_like(new_sequence_logprobs[:, None]),
-                            config.clip_eps,
-                        )
-                        # Response-weighted: accumulated micro-batches add up to the
-                        # minibatch's own mean over responses.
-                        (pg_loss * (len(micro) / len(minibatch))).backward()
+                            # Response-weighted: accumulated micro-batches (and the ranks'
+                            # equal minibatches) add up to the minibatch's mean over responses.
+                            share = len(micro) / (len(minibatch) * dist.world_size)
+                            dist.backward(pg_loss * share)
                         stats["pg"].append(pg_loss.item())
                         stats["clip"].append(clip_frac.item())
                         # per token, k3 of the old policy from the new one, as PPO logs it
@@ -290,25 +316,29 @@ def train(
         learning_rate = scheduler.get_last_lr()[0]
         scheduler.step()
 
-        # ---- 5. the KL controller, metrics
-        kl_per_response = kl.sum(dim=1)  # (B,)
+        # ---- 5. the KL controller, metrics (of the global batch; the losses averaged)
+        kl_per_response = pool(kl.sum(dim=1))  # (B,)
         kl_ctl.update(kl_per_response.mean().item(), B)
         done += 1
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        names = ("pg", "clip", "akl")
+        averages = dist.mean([sum(stats[n]) / len(stats[n]) for n in names])
+        avg = dict(zip(names, averages, strict=True))
+        all_mask, all_raw = pool(fmask), pool(raw_score)  # (B, R_max), (B,)
+        k3 = pool((kl_k3(old_logprobs, ref_logprobs) * fmask).sum(1))  # (B,)
         metrics = {
-            "reward/raw": raw_score.mean().item(),
-            "reward/normalized": score.mean().item(),
+            "reward/raw": all_raw.mean().item(),
+            "reward/normalized": pool(score).mean().item(),
             "reward/rlhf": rewards.mean().item(),
             "reward/std_within_prompt": grouped.std(dim=1).mean().item(),
             "kl/k1": kl_per_response.mean().item(),
-            "kl/k3": (kl_k3(old_logprobs, ref_logprobs) * fmask).sum(1).mean().item(),
+            "kl/k3": k3.mean().item(),
             "kl/beta": beta,
-            "policy/entropy": masked_mean(entropy, fmask).item(),
-            "policy/loss": mean(stats["pg"]),
-            "policy/clip_frac": mean(stats["clip"]),
-            "policy/approx_kl": mean(stats["akl"]),
+            "policy/entropy": masked_mean(pool(entropy), all_mask).item(),
+            "policy/loss": avg["pg"],
+            "policy/clip_frac": avg["clip"],
+            "policy/approx_kl": avg["akl"],
             "rloo/baseline_std": baseline.std().item(),
-            **rollout_metrics(rollout, raw_score, learning_rate, stats["gn"], timer, began),
+            **rollout_metrics(rollout, all_raw, learning_rate, stats["gn"], timer, began, dist),
         }
         last_metrics = record_metrics(done, metrics, history, on_metric)
         on_progress(done / total, f"step {done}/{total}, reward {metrics['reward/normalized']:.3f}")
@@ -330,5 +360,6 @@ def train(
         prompts=len(prompts),
         checkpoint=checkpoint,
         on_progress=on_progress,
+        dist=dist,
     )
     return RLOOResult(str(output_dir), dict(last_metrics), False, done, total, history)

@@ -7,7 +7,8 @@ policy):
    `max_prompts`; the first attempt writes the list to the job's checkpoint folder and later
    attempts resume on exactly that list.
 2. `trainer.rloo.train` in the checkpoint folder, which every attempt shares: a stopped or
-   killed worker's job resumes from the last checkpoint (every `checkpoint_every` steps).
+   killed worker's job resumes from the last checkpoint (every `checkpoint_every` steps). In
+   the worker's process, or in `processes` data-parallel ones (trainer/launch.py).
 3. The policy moves to `PREFLOOP_DATA_DIR/models/rloo-<job>-<attempt>` and a
    `ModelVersion(kind=policy, algorithm=rloo, parent=the starting policy)` is recorded with
    the fenced success.
@@ -18,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.jobs.specs import RLOOJobSpec, parse_rloo_spec
-from trainer.ppo_job import publish_policy, read_job_inputs, train_callbacks, trainer_config
+from trainer.ppo_job import publish_policy, read_job_inputs, train_policy, trainer_config
 from trainer.rloo import RLOOConfig, train
 
 
@@ -39,5 +40,5 @@ def run(ctx: Any) -> dict[str, Any]:
         job.reward_path,
     )
     config = rloo_config(spec, job.policy_path, job.reward_path)
-    result = train(config, job.prompts, job.work_dir, **train_callbacks(ctx))
+    result = train_policy(ctx, spec, train, config, job)
     return publish_policy(ctx, spec, result, job, "rloo")

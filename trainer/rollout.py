@@ -36,6 +36,7 @@ from torch import nn
 
 from trainer import generate
 from trainer.data import EncodedGroup, Prompt
+from trainer.distributed import SINGLE, Distributed
 from trainer.generate import encode_prompt  # the policy's prompt format, for PPO and RLOO
 from trainer.modeling import disable_dropout, enable_checkpointing
 from trainer.reward import RewardScorer
@@ -51,9 +52,8 @@ from trainer.runtime import (
     json_safe,
     load_checkpoint,
     resolve_device,
-    rng_state,
-    set_rng_state,
-    write_checkpoint,
+    save_on_main,
+    seed_everything,
 )
 
 __all__ = [
@@ -80,6 +80,7 @@ __all__ = [
     "mixed_precision",
     "open_run",
     "optimizer_and_schedule",
+    "per_rank",
     "position_ids",
     "prompt_indices",
     "record_metrics",
@@ -92,6 +93,7 @@ __all__ = [
     "sampling_config",
     "save_policy",
     "score_responses",
+    "seed_ranks",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
@@ -227,16 +229,34 @@ def open_run(
     output_dir: str | Path,
     reward_fn: RewardFunction | None,
     device: str | torch.device | None,
+    dist: Distributed = SINGLE,
 ) -> tuple[Path, torch.device]:
     """(output_dir, device) of a run, the folder made; refuses one with nothing to train on
-    or nothing to reward it."""
+    or nothing to reward it. One of several processes runs on the device its rank has."""
     if not prompts:
         raise ValueError("no prompts")
     if reward_fn is None and config.reward_model is None:
         raise ValueError("give config.reward_model or a reward_fn")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir, resolve_device(device)
+    return output_dir, dist.device if dist.active else resolve_device(device)
+
+
+def per_rank(size: int, dist: Distributed, what: str) -> int:
+    """Each process's share of a global batch `size` (`what` names it in the error): the
+    ranks split every batch evenly, so that each makes the same collective calls."""
+    if size % dist.world_size:
+        raise ValueError(
+            f"{what} ({size}) must be a multiple of the number of processes ({dist.world_size})"
+        )
+    return size // dist.world_size
+
+
+def seed_ranks(seed: int, dist: Distributed) -> None:
+    """After the models are built (alike on every rank): each of several processes draws its
+    own samples and minibatch orders from then on. One process: nothing changes."""
+    if dist.active:
+        seed_everything(seed * 1_000_003 + dist.rank)
 
 
 # ---------------------------------------------------------------------------------------
@@ -603,13 +623,18 @@ def fingerprint(config: OnPolicyConfig, prompts: Sequence[Prompt]) -> str:
 
 class RunCheckpoint:
     """output_dir/checkpoint/state.pt: the named parts' state dicts (models, optimizer,
-    scheduler, KL controller), the step, the last metrics, the history and every RNG's state,
-    so that a resumed run is the uninterrupted one."""
+    scheduler, KL controller), the step, the last metrics, the history and every RNG's state
+    (each process's, in several), so that a resumed run is the uninterrupted one. Every rank
+    saves and resumes (the RNG states are gathered); rank 0 writes. The parts are the plain
+    models (DDP keeps a full replica on every rank), so the format is one process's."""
 
-    def __init__(self, output_dir: Path, fingerprint: str, **parts: Any) -> None:
+    def __init__(
+        self, output_dir: Path, fingerprint: str, dist: Distributed = SINGLE, **parts: Any
+    ) -> None:
         self.folder = output_dir / CHECKPOINT_DIR
         self.path = self.folder / "state.pt"
         self.fingerprint = fingerprint
+        self.dist = dist
         self.parts = parts
 
     def resume(
@@ -623,7 +648,7 @@ class RunCheckpoint:
             return 0, {}, []
         for name, part in self.parts.items():
             part.load_state_dict(state[name])
-        set_rng_state(state["rng"])
+        self.dist.restore_rng(state["rng"])
         done = state["step"]
         on_progress(done / total, f"resumed at step {done}/{total}")
         return done, state["metrics"], state["history"]
@@ -631,15 +656,17 @@ class RunCheckpoint:
     def save(
         self, step: int, metrics: dict[str, float], history: list[tuple[int, str, float]]
     ) -> None:
-        write_checkpoint(
+        rngs = self.dist.rng_states()  # every rank's, gathered by all of them
+        save_on_main(
+            self.dist,
             self.path,
-            {
+            lambda: {
                 "fingerprint": self.fingerprint,
                 **{name: part.state_dict() for name, part in self.parts.items()},
                 "step": step,
                 "metrics": metrics,
                 "history": history,
-                "rng": rng_state(),
+                "rng": rngs,
             },
         )
 
@@ -676,22 +703,26 @@ def rollout_metrics(
     grad_norms: list[float],
     timer: Timer,
     began: float,
+    dist: Distributed = SINGLE,
 ) -> dict[str, float]:
-    """The response, train, time and token metrics of a step, the same for every trainer."""
-    lengths = rollout.lengths.float()
-    B, sequence = rollout.query_response.shape
+    """The response, train, time and token metrics of a step, the same for every trainer:
+    of the global batch (`raw_score` the pooled one, (B,)), rank 0's times."""
+    lengths = dist.gather_rows(rollout.lengths).float()  # (B,)
+    contains_eos = dist.gather_rows(rollout.contains_eos)  # (B,)
+    (sequence_tokens,) = dist.sum([rollout.query_response.numel()])
+    (grad_norm,) = dist.mean([sum(grad_norms) / len(grad_norms)])
     return {
         "response/length": lengths.mean().item(),
-        "response/eos_rate": rollout.contains_eos.float().mean().item(),
+        "response/eos_rate": contains_eos.float().mean().item(),
         "response/length_reward_corr": pearson(lengths, raw_score),
         "train/learning_rate": learning_rate,
-        "train/grad_norm": sum(grad_norms) / len(grad_norms),
+        "train/grad_norm": grad_norm,
         "time/generate": timer.totals["generate"],
         "time/score": timer.totals["score"],
         "time/train": timer.totals["train"],
         "time/step": time.perf_counter() - began,
-        "tokens/response": float(rollout.lengths.sum()),
-        "tokens/sequence": float(B * sequence),
+        "tokens/response": float(lengths.sum()),
+        "tokens/sequence": float(sequence_tokens),
     }
 
 
@@ -725,10 +756,11 @@ def finish_run(
     prompts: int,
     checkpoint: RunCheckpoint,
     on_progress: Callable[[float, str], None],
+    dist: Distributed = SINGLE,
 ) -> None:
     """The end of a finished PPO or RLOO run: the policy saved (`save_policy`) with its
     config, last metrics, steps and KL controller in `meta_file`; the resumable checkpoint
-    removed."""
+    removed. In several processes rank 0 saves and the others wait for it."""
     meta = {
         "format": f"prefloop-{algorithm}/1",
         "config": asdict(config),
@@ -737,10 +769,18 @@ def finish_run(
         "kl_controller": kl_controller.state_dict(),
         "prompts": prompts,
     }
-    save_policy(
-        policy, tokenizer, hub_generation, output_dir, meta_file, meta, merge_lora=config.use_lora
-    )
-    checkpoint.remove()
+    with dist.main_writes() as main:
+        if main:
+            save_policy(
+                policy,
+                tokenizer,
+                hub_generation,
+                output_dir,
+                meta_file,
+                meta,
+                merge_lora=config.use_lora,
+            )
+            checkpoint.remove()
     on_progress(1.0, "done")
 
 

@@ -42,7 +42,7 @@ EXPORTED_FILTERS = (
 )
 
 
-# How a reward, SFT or DPO job spreads over the worker's GPUs.
+# How a training job spreads over the worker's GPUs.
 Processes = Annotated[
     int,
     Field(
@@ -427,6 +427,18 @@ class OnPolicyJobSpec(BaseModel):
         None, gt=0, description="Warn on the job's page when the KL passes this (nats)."
     )
     name: str | None = Field(None, max_length=200)
+    processes: Processes = 1
+
+
+def check_even_split(processes: int, **batches: int | None) -> None:
+    """Each of a PPO or RLOO job's processes samples and trains on an equal share of every
+    global batch (the `training` sizes named in `batches`)."""
+    for name, size in batches.items():
+        if size is not None and size % processes:
+            raise ValueError(
+                f"training.{name} ({size}) must be a multiple of processes ({processes}): "
+                "each process takes an equal share of it"
+            )
 
 
 class PPOJobSpec(OnPolicyJobSpec):
@@ -434,6 +446,14 @@ class PPOJobSpec(OnPolicyJobSpec):
     campaigns' prompts, under a KL penalty toward the starting policy."""
 
     training: PPOTraining = Field(default_factory=PPOTraining)
+
+    @model_validator(mode="after")
+    def _batches_split_over_processes(self) -> PPOJobSpec:
+        t = self.training
+        check_even_split(
+            self.processes, rollout_batch_size=t.rollout_batch_size, minibatch_size=t.minibatch_size
+        )
+        return self
 
 
 def parse_ppo_spec(raw: dict[str, Any]) -> PPOJobSpec:
@@ -467,6 +487,14 @@ class RLOOJobSpec(OnPolicyJobSpec):
     model), under a KL penalty toward the starting policy."""
 
     training: RLOOTraining = Field(default_factory=RLOOTraining)
+
+    @model_validator(mode="after")
+    def _batches_split_over_processes(self) -> RLOOJobSpec:
+        t = self.training
+        check_even_split(
+            self.processes, prompts_per_step=t.prompts_per_step, minibatch_size=t.minibatch_size
+        )
+        return self
 
 
 def parse_rloo_spec(raw: dict[str, Any]) -> RLOOJobSpec:

@@ -299,6 +299,7 @@ def train_ppo(
     gradient_checkpointing: Checkpointing = False,
     checkpoint_every: CheckpointEvery = 10,
     seed: Seed = 42,
+    processes: Processes = 1,
     priority: Priority = 0,
 ) -> None:
     """Queue PPO: optimise a policy version against a reward model version; a worker runs it."""
@@ -335,6 +336,7 @@ def train_rloo(
     gradient_checkpointing: Checkpointing = False,
     checkpoint_every: CheckpointEvery = 10,
     seed: Seed = 42,
+    processes: Processes = 1,
     priority: Priority = 0,
 ) -> None:
     """Queue RLOO: optimise a policy version against a reward model version with k samples

@@ -122,7 +122,14 @@ MIN_AGREEMENT: FormField = (
     "Tasks judged once are dropped.",
 )
 MISSING_EOS: FormField = ("missing_eos_penalty", "Penalty without EOS", "number", "Empty: none.")
-ONLINE_RL_INPUTS = ("policy_id", "reward_model_id", "name", "kl_budget", "max_prompts")
+ONLINE_RL_INPUTS = (
+    "policy_id",
+    "reward_model_id",
+    "name",
+    "kl_budget",
+    "max_prompts",
+    "processes",
+)
 
 
 def data_fields(

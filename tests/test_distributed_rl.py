@@ -1,0 +1,158 @@
+"""PPO and RLOO in 2 data-parallel processes on CPU (gloo), launched through `accelerate
+launch` as the worker launches them: the ranks pool their rollouts' numbers, each samples its
+own half of every batch, the pair raises the reward, stops together at the worker's request
+and resumes to the weights of the uninterrupted 2-process run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("accelerate")
+
+from tests.test_ppo import config as ppo_config  # noqa: E402
+from tests.test_rloo import config as rloo_config  # noqa: E402
+from tests.tiny_rl import PROMPTS, save_tiny_policy, says_sunny, series, weights  # noqa: E402
+from trainer.distributed import SINGLE, Distributed  # noqa: E402
+from trainer.launch import launch  # noqa: E402
+from trainer.launched import STOP  # noqa: E402
+from trainer.rollout import CHECKPOINT_DIR, per_rank  # noqa: E402
+
+
+def pooled_numbers(
+    *, dist: Distributed, on_metric: Any, on_progress: Any, should_stop: Any
+) -> dict[str, Any]:
+    """What each rank sees of `gather_rows` when rank r holds 2 rows of width r + 1."""
+    r = dist.rank
+    rows = torch.full((2, r + 1), float(r + 1))  # (2, r + 1)
+    flags = torch.tensor([r == 0, True])  # (2,)
+    pooled = dist.gather_rows(rows)
+    return {
+        "rank": r,
+        "rows": pooled,
+        "flags": dist.gather_rows(flags),
+        "mine": pooled[dist.mine(2), : r + 1],
+        "mean": dist.mean([r, 10.0]),
+    }
+
+
+def test_the_ranks_pool_their_rows_padded_to_the_widest(tmp_path):
+    got = launch(
+        "tests.test_distributed_rl:pooled_numbers",
+        (),
+        {},
+        processes=2,
+        device="cpu",
+        run_dir=tmp_path,
+    )  # rank 0's view
+    assert got["rank"] == 0
+    assert torch.equal(got["rows"], torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 2.0], [2.0, 2.0]]))
+    assert got["flags"].dtype == torch.bool and got["flags"].tolist() == [True, True, False, True]
+    assert torch.equal(got["mine"], torch.ones(2, 1))  # its own rows at its own width
+    assert got["mean"] == [0.5, 10.0]
+    # one process: the tensors themselves
+    alone = torch.ones(3, 2)
+    assert SINGLE.gather_rows(alone) is alone and SINGLE.mine(3) == slice(0, 3)
+
+
+def test_every_global_batch_splits_evenly_over_the_processes():
+    assert per_rank(8, Distributed(rank=1, world_size=2), "rollout_batch_size") == 4
+    assert per_rank(8, SINGLE, "rollout_batch_size") == 8
+    with pytest.raises(
+        ValueError, match=r"rollout_batch_size \(9\) must be a multiple of .* \(2\)"
+    ):
+        per_rank(9, Distributed(rank=0, world_size=2), "rollout_batch_size")
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_policy(tmp_path_factory.mktemp("policy"))
+
+
+def _launch(target: str, config: Any, out: Path, run_dir: Path, **kwargs: Any) -> Any:
+    return launch(
+        target,
+        (config, PROMPTS, out),
+        {"reward_fn": says_sunny},
+        processes=2,
+        device="cpu",
+        run_dir=run_dir,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "settings", "steps"),
+    [
+        # 32 responses per step, 16 per rank; minibatches of 16, 8 per rank, in micro-batches
+        # of 4 (DDP syncs once per minibatch)
+        ("trainer.ppo:train", lambda p: ppo_config(p, micro_batch_size=4), 25),
+        # 8 prompts x 4 answers per step: 4 prompts (16 responses) per rank
+        ("trainer.rloo:train", lambda p: rloo_config(p, micro_batch_size=4), 20),
+    ],
+    ids=["ppo", "rloo"],
+)
+def test_two_processes_raise_the_reward_stop_together_and_resume_exactly(
+    policy_dir, tmp_path, target, settings, steps
+):
+    config = settings(policy_dir)
+    whole = _launch(target, config, tmp_path / "whole", tmp_path / "launch-whole")
+    assert not whole.stopped and whole.steps == steps
+    reward = series(whole.history, "reward/raw")
+    assert len(reward) == steps
+    start, end = sum(reward[:3]) / 3, sum(reward[-5:]) / 5
+    assert start < 0.4 and end > 0.8, (start, end)
+    # rank 0 reports the global batch: all 32 responses' tokens, prompt and response
+    assert all(v >= 32 * 2 for v in series(whole.history, "tokens/sequence"))
+    assert all(32 <= v <= 32 * 8 for v in series(whole.history, "tokens/response"))
+    assert not (tmp_path / "whole" / CHECKPOINT_DIR).exists()
+
+    out = tmp_path / "split"
+    seen: list[tuple[int, str, float]] = []
+    stopped = _launch(
+        target,
+        config,
+        out,
+        tmp_path / "launch",
+        on_metric=lambda step, name, value: seen.append((step, name, value)),
+        should_stop=lambda: any(name == "reward/raw" for _, name, _ in seen),
+    )
+    assert (tmp_path / "launch" / STOP).exists()
+    assert stopped.stopped and 1 <= stopped.steps < steps, stopped.steps
+    assert (out / CHECKPOINT_DIR / "state.pt").exists()
+    resumed = _launch(target, config, out, tmp_path / "launch")
+    assert not resumed.stopped and resumed.steps == steps
+    # every rank got its own RNG states back: the same samples, the same weights (the
+    # history goes on from the checkpoint's)
+    for name in ("reward/raw", "kl/k1", "policy/loss"):
+        assert series(resumed.history, name) == pytest.approx(
+            series(whole.history, name), rel=1e-4, abs=1e-6
+        ), name
+    torch.testing.assert_close(weights(out), weights(tmp_path / "whole"), atol=1e-5, rtol=1e-4)
+
+
+def test_a_two_process_checkpoint_resumes_in_one(policy_dir, tmp_path):
+    """The checkpoint is one process's format (the models, not their DDP wrappers): one
+    process resumes it, taking rank 0's RNG states."""
+    from trainer.ppo import train
+
+    config = ppo_config(policy_dir, total_steps=4, rollout_batch_size=8, minibatch_size=4)
+    out = tmp_path / "run"
+    seen: list[tuple[int, str, float]] = []
+    stopped = _launch(
+        "trainer.ppo:train",
+        config,
+        out,
+        tmp_path / "launch",
+        on_metric=lambda step, name, value: seen.append((step, name, value)),
+        should_stop=lambda: bool(seen),
+    )
+    assert stopped.stopped and stopped.steps < 4
+    resumed = train(config, PROMPTS, out, reward_fn=says_sunny, device="cpu")
+    assert not resumed.stopped and resumed.steps == 4
+    assert [step for step, name, _ in resumed.history if name == "reward/raw"] == [1, 2, 3, 4]
+    assert resumed.history[: len(stopped.history)] == stopped.history
+    assert not (out / CHECKPOINT_DIR).exists()
