@@ -345,6 +345,34 @@ def test_a_failing_launch_raises_with_the_log_tail(tmp_path):
         launch("trainer.nope:train", (), {}, processes=2, device="cpu", run_dir=tmp_path)
 
 
+def finish_then_abort_at_exit(*, dist, on_metric, on_progress, should_stop) -> dict:
+    """A launched function whose rank 1 is killed by SIGABRT at interpreter exit, as gloo's
+    threads can do to a process as it shuts down."""
+    import atexit
+    import os
+
+    if dist.rank == 1:
+        atexit.register(os.abort)
+    return {"world": dist.world_size}
+
+
+def test_a_rank_dying_as_the_processes_shut_down_fails_nothing(tmp_path, caplog):
+    """Every rank's function returned and rank 0's result is written: the launch returns it
+    and logs the exit status, rather than failing (and retraining) a job whose work is done."""
+    with caplog.at_level("WARNING", logger="prefloop.launch"):
+        result = launch(
+            "tests.test_distributed:finish_then_abort_at_exit",
+            (),
+            {},
+            processes=2,
+            device="cpu",
+            run_dir=tmp_path,
+        )
+    assert result == {"world": 2}
+    assert "finished their training but exited with status 1" in caplog.text
+    assert sorted(p.name for p in tmp_path.glob("done-rank*")) == ["done-rank0", "done-rank1"]
+
+
 # --- sharded (FSDP2): 2 processes against 1 ----------------------------------------------------
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.launched import (
+    DONE,
     ERRORS,
     EVENTS,
     PAYLOAD,
@@ -50,6 +51,7 @@ from trainer.launched import (
     SHARDINGS,
     STOP,
     WORKER_PID_ENV,
+    done_file,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,7 +209,8 @@ def launch(
     log = log or logging.getLogger("prefloop.launch")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (STOP, RESULT, EVENTS, *(p.name for p in run_dir.glob(ERRORS))):
+    stale_files = (p.name for pattern in (ERRORS, DONE) for p in run_dir.glob(pattern))
+    for stale in (STOP, RESULT, EVENTS, *stale_files):
         (run_dir / stale).unlink(missing_ok=True)
     payload = {
         "target": target,
@@ -268,7 +271,21 @@ def launch(
             _end(process)
     code = process.returncode
     result_path = run_dir / RESULT
-    if code != 0 or not result_path.exists():
+    finished = result_path.exists() and all(
+        done_file(run_dir, rank).exists() for rank in range(processes)
+    )
+    if code != 0 and finished:
+        # Every rank's training function returned and rank 0's result is written: a rank
+        # that died as the processes shut down took nothing with it.
+        log.warning(
+            "the %s processes finished their training but exited with status %s as they shut "
+            "down; the end of %s:\n%s",
+            processes,
+            code,
+            log_path,
+            log_tail(log_path),
+        )
+    elif code != 0 or not result_path.exists():
         raise LaunchError(
             f"the {processes}-process training exited with status {code}"
             f"{'' if result_path.exists() else ' and no result'}{_rank_errors(run_dir)}; "

@@ -8,7 +8,10 @@ e.g. "trainer.reward:train"), its arguments, the device kind and the sharding ("
 `function(*args, **kwargs, dist=..., on_metric=..., on_progress=..., should_stop=...)`; the
 function must accept those keywords (the `train` of trainer.reward, trainer.sft,
 trainer.dpo, trainer.ppo and trainer.rloo do). Rank 0 appends its metrics and progress to `events.jsonl` for the
-worker to forward, and writes the function's return value to `result.pkl`. A `STOP` file (the worker's stop request), or the
+worker to forward, and writes the function's return value to `result.pkl`; each rank whose
+function returned leaves `done-rank<r>`, so that a rank dying as the processes shut down (a
+communication library's threads at interpreter exit) does not fail a run whose work is all
+done and saved. A `STOP` file (the worker's stop request), or the
 worker's death, stops every rank at the same step: they checkpoint and exit.
 
 Each rank dies with its launcher (PR_SET_PDEATHSIG) and also stops when the worker process
@@ -122,6 +125,8 @@ def main(run_dir: Path) -> int:
             tmp = run_dir / (RESULT + ".tmp")
             tmp.write_bytes(pickle.dumps(result))
             os.replace(tmp, run_dir / RESULT)
+        done_file(run_dir, dist.rank).touch()
+        dist.barrier()  # from here on, a rank that dies at exit takes nothing with it
     finally:
         if events:
             events.close()
@@ -130,6 +135,11 @@ def main(run_dir: Path) -> int:
 
 
 ERRORS = "error-rank*.txt"  # one per failed rank
+DONE = "done-rank*"  # one per rank whose training function returned
+
+
+def done_file(run_dir: Path, rank: int) -> Path:
+    return run_dir / f"done-rank{rank}"
 
 
 def error_file(run_dir: Path, rank: int | str) -> Path:
