@@ -16,6 +16,13 @@ response tokens only, which is all it runs on). Attention's own FLOPs are left o
 the MFU is a slight underestimate; recomputation under --gradient-checkpointing is not
 counted (model FLOPs, not hardware FLOPs).
 
+The peer, in the same run: a bare training loop of the same two models (fresh copies, fp32
+weights under the same autocast) on random tokens of the measured sequence width, the same
+micro-batch size and an AdamW step per minibatch, its loss a log-sum-exp over the response
+positions' logits plus the values there: what the model code itself reaches on this device
+with nothing of PPO around it. The ratio PPO / bare says how much of the training phase's
+time PPO's own work (log-probs, clipping, masking, shuffling) costs.
+
     .venv/bin/python bench/ppo.py --tiny                 # CPU, a 2-layer model, < 1 min
     .venv/bin/python bench/ppo.py                        # CUDA, ~0.5B, bf16
     .venv/bin/python bench/ppo.py --batch 128 --new-tokens 256 --gradient-checkpointing
@@ -40,8 +47,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
-def build_models(root: Path, args: argparse.Namespace) -> tuple[Path, Path, Any]:
-    """A policy (causal LM) and a reward model (sequence classifier) sharing one tokenizer."""
+def build_models(
+    root: Path, args: argparse.Namespace, *, reward: bool = True
+) -> tuple[Path, Path | None, Any]:
+    """(policy folder, reward model folder, their config): a policy (causal LM) and a reward
+    model (sequence classifier) of the same shape sharing one tokenizer; `reward=False`: the
+    policy only."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -80,12 +91,15 @@ def build_models(root: Path, args: argparse.Namespace) -> tuple[Path, Path, Any]
         num_labels=1,
         **shape,
     )
-    policy_dir, reward_dir = root / "policy", root / "reward"
+    policy_dir = root / "policy"
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    if not reward:
+        return policy_dir, None, config
+    reward_dir = root / "reward"
     AutoModelForSequenceClassification.from_config(config).save_pretrained(reward_dir)
-    for path in (policy_dir, reward_dir):
-        tokenizer.save_pretrained(path)
+    tokenizer.save_pretrained(reward_dir)
     return policy_dir, reward_dir, config
 
 
@@ -110,6 +124,66 @@ def peak_flops(device: Any) -> tuple[str, float | None]:
     name = torch.cuda.get_device_name(device)
     peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
     return name, peak
+
+
+def bare_training_tokens_per_second(
+    policy_dir: Path,
+    reward_dir: Path,
+    device: Any,
+    *,
+    micro: int,
+    width: int,
+    response: int,
+    micro_per_step: int,
+    optimizer_steps: int,
+    gradient_checkpointing: bool,
+) -> float:
+    """Tokens per second of forward + backward through the policy and the value model (the
+    reward model's body and head, as PPO's value model starts), micro-batches of `micro`
+    rows of `width` tokens, an AdamW step every `micro_per_step` of them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from trainer.modeling import disable_dropout, enable_checkpointing
+    from trainer.rollout import mixed_precision
+
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).to(device)
+    value = AutoModelForSequenceClassification.from_pretrained(reward_dir, dtype=torch.float32)
+    value.to(device)
+    for model in (policy, value):
+        disable_dropout(model)
+        if gradient_checkpointing:
+            enable_checkpointing(model)
+        model.train()
+    params = [*policy.parameters(), *value.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-7, eps=1e-5)
+    precision = mixed_precision(None, device)
+    ids = torch.randint(policy.config.vocab_size, (micro, width), device=device)  # (b, P + R)
+    mask = torch.ones_like(ids)
+
+    def optimizer_step() -> None:
+        for _ in range(micro_per_step):
+            with precision():
+                logits = policy(
+                    input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=response + 1
+                ).logits  # (b, R + 1, V)
+                hidden = value.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                values = value.score(hidden[:, -response - 1 : -1])  # (b, R, 1)
+            loss = logits.float().logsumexp(dim=-1).mean() + values.float().mean()
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    optimizer_step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    for _ in range(optimizer_steps):
+        optimizer_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return optimizer_steps * micro_per_step * micro * width / (time.perf_counter() - began)
 
 
 def main() -> None:
@@ -199,6 +273,23 @@ def main() -> None:
         train(config, prompts, root / "out", device=device, on_metric=on_metric)
         wall = time.perf_counter() - began
         peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the run's models are gone; the peer loads its own
+
+        # the peer: the same shapes, one PPO step's worth of optimizer steps
+        width = round(steps[max(steps)]["tokens/sequence"] / args.batch)  # P + R
+        micro = args.micro_batch or args.minibatch
+        bare_tps = bare_training_tokens_per_second(
+            policy_dir,
+            reward_dir,
+            device,
+            micro=micro,
+            width=width,
+            response=args.new_tokens,
+            micro_per_step=args.minibatch // micro,
+            optimizer_steps=args.ppo_epochs * args.batch // args.minibatch,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
 
     measured = [steps[s] for s in sorted(steps)][1:] or [steps[min(steps)]]  # drop warm-up
     keys = ("tokens/sequence", "tokens/response", "time/generate", "time/score", "time/train")
@@ -226,8 +317,13 @@ def main() -> None:
     print(f"training tokens/s     {train_tps:,.0f}  (prompt + response, policy and value)")
     print(f"response length       {response_tokens / (args.batch * len(measured)):.1f} tokens")
     print(f"training FLOP/s       {achieved / 1e12:.3f} TFLOP/s (6 * N * tokens)")
+    # the same FLOPs per token: the bare loop runs the head on the same response share
+    bare_flops = 6 * (2 * counts["body"] + counts["head"] * args.new_tokens / width) * bare_tps
+    print(f"bare loop tokens/s    {bare_tps:,.0f}  (the peer: the same models and shapes, no PPO)")
+    print(f"PPO / bare            {train_tps / bare_tps:.2f}x  (training tokens/s)")
     if peak is not None:
         print(f"training MFU          {100 * achieved / peak:.1f}%  (of {peak / 1e12:.0f} TFLOPS)")
+        print(f"bare loop MFU         {100 * bare_flops / peak:.1f}%")
     else:
         print("training MFU          n/a (no bf16 peak known for this device)")
     if peak_memory is not None:

@@ -11,7 +11,8 @@
 #    a larger one (generation's share of the step falls as the batch grows);
 # 2. the tests that run only with CUDA (bf16 autocast, gradient checkpointing: SFT, DPO, PPO,
 #    RLOO; `-k gpu`);
-# 3. the reward model against TRL on a backbone built from config;
+# 3. the reward model against TRL on a backbone built from config, and RLOO against TRL's
+#    RLOOTrainer on a ~0.5B policy;
 # 4. the job and loop tests, whose worker picks cuda by itself (SQLite: no PostgreSQL there).
 # Each part's output goes to its own log; a part that fails or runs out of time does not stop
 # the others, and the script exits non-zero if any failed. (The data-parallel tests stay on
@@ -47,11 +48,12 @@ run() {  # run NAME SECONDS COMMAND...: time it, keep its output in $OUT/NAME.lo
 : >"$OUT/summary.txt"
 run devices 20 nvidia-smi -L
 run bench-ppo 120 "$PYTHON" bench/ppo.py
-run bench-ppo-large 150 "$PYTHON" bench/ppo.py --batch 256 --minibatch 64 --micro-batch 16 \
+run bench-ppo-large 120 "$PYTHON" bench/ppo.py --batch 256 --minibatch 64 --micro-batch 16 \
     --forward-batch 128 --steps 3
 run cuda-tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider -k "gpu" \
     tests/test_sft.py tests/test_dpo.py tests/test_ppo.py tests/test_rloo.py
 run bench-reward 60 "$PYTHON" bench/reward_model.py --device cuda --backbone-config --limit 200
+run bench-rloo 60 "$PYTHON" bench/rloo.py --steps 4
 run job-tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider -x \
     tests/test_generate.py tests/test_ppo_job.py tests/test_rloo_job.py tests/test_dpo_job.py \
     tests/test_sft_job.py tests/test_reward_job.py tests/test_loop.py
