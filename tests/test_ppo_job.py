@@ -175,6 +175,8 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
         assert queued.config["training"]["adaptive_kl"] is True and queued.config["kl_budget"] == 3
         assert queued.config["training"]["value_init"] == "policy"
         assert queued.config["processes"] == 2 and queued.processes == 2
+    page = client.get(good.headers["location"], headers=auth)
+    assert "2, data-parallel, one per GPU: only a worker that sees 2 GPUs claims it" in page.text
 
     # one click: the new policy samples completions for its campaign
     made = client.post(f"/models/{model['id']}/generate", headers=auth, follow_redirects=False)
