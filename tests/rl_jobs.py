@@ -24,6 +24,16 @@ from trainer.worker import run_worker
 WORDS = ["sunny", "rain", "cloud", "wind", "cold", "tell", "me", "about", "the", "weather"]
 FAST = {"lease_seconds": 30.0, "heartbeat_seconds": 0.3, "poll_interval": 0.05}
 PROMPTS = 6  # in the campaign
+# A PPO job's training options that run in about a second on the tiny models.
+TINY_PPO_TRAINING = {
+    "total_steps": 2,
+    "rollout_batch_size": 4,
+    "minibatch_size": 2,
+    "ppo_epochs": 1,
+    "max_new_tokens": 4,
+    "max_prompt_length": 16,
+    "temperature": 1.0,
+}
 
 
 def save_models(data_dir: Path, *, reward_std: float) -> tuple[str, str]:

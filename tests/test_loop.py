@@ -25,6 +25,7 @@ from app.loop.models import AuditPair, PolicyLoop, Stage
 from app.main import create_app
 from tests.conftest import PASSWORD, csrf_from, login
 from tests.factories import make_campaign, make_labeler, make_task
+from tests.rl_jobs import TINY_PPO_TRAINING
 from tests.test_cli import cli_env, run_cli
 from tests.tiny_models import causal_lm, reward_model, tokenizer_for
 from trainer.reward import META_FILE as REWARD_META
@@ -89,18 +90,7 @@ def test_one_loop_iteration_turns_labels_into_a_new_policy_and_audited_tasks(liv
                 "min_new_comparisons": PROMPTS,
                 "audit_share": 0.5,
                 "reward": {"test_fraction": 0.2, "training": {"max_length": 32, "batch_size": 2}},
-                "policy": {
-                    "training": {
-                        "total_steps": 2,
-                        "rollout_batch_size": 4,
-                        "minibatch_size": 2,
-                        "ppo_epochs": 1,
-                        "max_new_tokens": 4,
-                        "max_prompt_length": 16,
-                        "temperature": 1.0,
-                        "checkpoint_every": 0,
-                    }
-                },
+                "policy": {"training": TINY_PPO_TRAINING | {"checkpoint_every": 0}},
                 "generate": {"max_new_tokens": 4, "max_prompt_tokens": 16, "batch_size": 4},
             }
         )

@@ -18,7 +18,13 @@ from app.jobs.specs import PPOJobSpec, PPOTraining, SpecError, parse_ppo_spec
 from app.jobs.training import ppo_warnings
 from app.main import create_app
 from tests.factories import make_campaign, make_task
-from tests.rl_jobs import PROMPTS, defaults_unlike_the_trainers, register_models, work_once
+from tests.rl_jobs import (
+    PROMPTS,
+    TINY_PPO_TRAINING,
+    defaults_unlike_the_trainers,
+    register_models,
+    work_once,
+)
 from trainer.ppo import PPOConfig
 from trainer.ppo_job import campaign_prompts, ppo_config
 
@@ -104,17 +110,8 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
         "reward_model_id": rm_id,
         "campaigns": ["ppo-live"],
         "kl_budget": 100.0,
-        "training": {
-            "total_steps": 3,
-            "rollout_batch_size": 4,
-            "minibatch_size": 2,
-            "ppo_epochs": 1,
-            "max_new_tokens": 4,
-            "max_prompt_length": 16,
-            "learning_rate": 1e-3,
-            "temperature": 1.0,
-            "checkpoint_every": 1,
-        },
+        "training": TINY_PPO_TRAINING
+        | {"total_steps": 3, "learning_rate": 1e-3, "checkpoint_every": 1},
     }
     wrong = {**config, "policy_id": rm_id}
     refused = client.post("/api/v1/jobs", json={"kind": "ppo", "config": wrong}, headers=auth)
@@ -203,15 +200,7 @@ def test_a_two_process_ppo_job_scores_with_its_reward_model_in_each(live):
         "reward_model_id": registered.rm_id,
         "campaigns": ["ppo2-live"],
         "processes": 2,
-        "training": {
-            "total_steps": 2,
-            "rollout_batch_size": 4,
-            "minibatch_size": 2,
-            "ppo_epochs": 1,
-            "max_new_tokens": 4,
-            "max_prompt_length": 16,
-            "temperature": 1.0,
-        },
+        "training": TINY_PPO_TRAINING,
     }
     created = client.post(
         "/api/v1/jobs", json={"kind": "ppo", "config": config}, headers=registered.auth
