@@ -110,6 +110,31 @@ def test_a_row_stops_at_eos_and_the_rest_is_cut(sampler):
     assert reason == "stop"
     assert text == sampler.tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
     assert other_reason in ("stop", "length") and isinstance(other, str)
+    # each text keeps the ids the policy sampled, the stop token with them
+    assert text.tokens == (*new[:cut], new[cut])
+    assert free[0].tokens == tuple(new)
+    assert free[0] == sampler.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_a_samples_log_ratio_is_taken_on_the_tokens_it_was_sampled_as(sampler, tmp_path):
+    """The log-ratio to a reference is of the sampled ids, not of the stored text tokenized
+    again: a text whose ids say otherwise is scored as those ids."""
+    from trainer.generate import SampledText
+    from trainer.policy_eval import SampleEvaluator
+
+    reference = tiny_policy(tmp_path / "reference", seed=1)
+    evaluator = SampleEvaluator(sampler, reference=reference)
+    tokenizer = sampler.tokenizer
+    eos = tokenizer.eos_token_id
+    [sky] = tokenizer("sky", add_special_tokens=False)["input_ids"]
+    prompts = [PROMPTS[0]] * 3
+    disguised = SampledText("blue", [sky, eos])  # stored as "blue", sampled as "sky" + EOS
+    [(as_sampled, n), (sky_text, _), (blue_text, _)] = evaluator.log_ratios(
+        prompts, [disguised, "sky", "blue"], [True, True, True]
+    )
+    assert n == 2
+    assert as_sampled == pytest.approx(sky_text, abs=1e-6)
+    assert abs(as_sampled - blue_text) > 1e-4  # the two models tell the words apart
 
 
 def test_sampling_is_exactly_softmax_over_temperature(tmp_path):

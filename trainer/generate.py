@@ -12,7 +12,9 @@ template, a text prompt gets the tokenizer's BOS and a chat prompt is written ou
 Sampling is exactly softmax(logits / T) with top-p (`sampling_config`: no top-k, no
 repetition penalty, whatever the model's generation_config.json says). Each row stops at
 EOS (the tokenizer's and the model's generation config's); the EOS and the padding after it
-are cut off. bf16 on a GPU that supports it, fp32 elsewhere.
+are cut off. bf16 on a GPU that supports it, fp32 elsewhere. Each text is a `SampledText`,
+which keeps the token ids it was decoded from, so a sample's log-probs are taken on what was
+sampled (trainer/policy_eval.py) rather than on its text tokenized again.
 
 `sample_distinct` asks any sampler (this one, or an OpenAI-compatible endpoint) for K
 completions per prompt and re-samples those whose content hash repeats another of the
@@ -31,6 +33,18 @@ from typing import Any
 Prompt = str | list[dict[str, Any]]
 # sampler(prompts, n, round) -> for each prompt, n (text, finish_reason) pairs
 Sampler = Callable[[Sequence[Prompt], int, int], list[list[tuple[str, str]]]]
+
+
+class SampledText(str):
+    """A completion's text as stored (decoded, stripped) that keeps `tokens`: the ids the
+    policy sampled, its stop token included when it stopped at one."""
+
+    tokens: tuple[int, ...]
+
+    def __new__(cls, text: str, tokens: Sequence[int]) -> SampledText:
+        made = super().__new__(cls, text)
+        made.tokens = tuple(tokens)
+        return made
 
 
 def text_hash(text: str) -> str:
@@ -188,11 +202,13 @@ class HFSampler:
         ]
 
     def _finish(self, tokens: list[int]) -> tuple[str, str]:
-        """The tokens before the first EOS, decoded, and why generation stopped."""
+        """The tokens before the first EOS, decoded (keeping the sampled ids, the EOS with
+        them), and why generation stopped."""
         stop = next((j for j, t in enumerate(tokens) if t in self.eos_ids), None)
         kept = tokens[:stop] if stop is not None else tokens
         text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-        return text, ("stop" if stop is not None else "length")
+        sampled = tokens[: stop + 1] if stop is not None else tokens
+        return SampledText(text, sampled), ("stop" if stop is not None else "length")
 
 
 @dataclass

@@ -5,10 +5,11 @@ The KL of a policy from its reference is estimated from its own samples, as in P
 k1 estimator): KL(pi || ref) = E_{y ~ pi}[log pi(y|x) - log ref(y|x)]. Both log-probs are
 taken with the logits divided by the sampling temperature, since that is the distribution
 the samples came from; with top-p < 1 the estimate ignores the truncation. A sample is
-scored as its stored text tokenized again (the generate job keeps texts, not token ids), so
-where a BPE tokenizer would split the text otherwise than the sampled tokens (a leading
-space the sampler stripped, a merge) both policies score that tokenization: the log-ratio
-of the same string, slightly off the sampled sequence's.
+scored on the token ids the policy sampled (`generate.SampledText`, which the sampler
+returns), not on its stored text tokenized again: a BPE tokenizer can split the text
+otherwise (the leading space the stored text lost, a merge), and the log-ratio would then be
+of another sequence than the one drawn. A plain string (no ids) is tokenized, its EOS added
+when it stopped at one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from trainer.generate import HFSampler, Prompt
+from trainer.generate import HFSampler, Prompt, SampledText
 from trainer.rollout import left_pad, response_logprobs, reward_model_function
 
 
@@ -76,6 +77,9 @@ class SampleEvaluator:
             end = start + self.batch_size
             responses = []
             for text, stop in zip(texts[start:end], stopped[start:end], strict=True):
+                if isinstance(text, SampledText):
+                    responses.append(list(text.tokens))
+                    continue
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 responses.append(ids + ([tokenizer.eos_token_id] if stop else []))
             if self.reference is None:

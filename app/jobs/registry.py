@@ -370,7 +370,7 @@ def sampled_completion(
     """A completion a model sampled, with how it was sampled (not added to the session)."""
     return Completion(
         prompt_id=prompt_id,
-        text=text,
+        text=str(text),  # a plain str: a sampler's text may carry its token ids
         source=CompletionSource.model,
         model_version_id=model_version_id,
         generation_params=dict(params),
