@@ -156,3 +156,33 @@ def test_a_two_process_checkpoint_resumes_in_one(policy_dir, tmp_path):
     assert [step for step, name, _ in resumed.history if name == "reward/raw"] == [1, 2, 3, 4]
     assert resumed.history[: len(stopped.history)] == stopped.history
     assert not (out / CHECKPOINT_DIR).exists()
+
+
+def test_a_checkpoint_of_another_process_count_gives_each_rank_its_own_stream(tmp_path):
+    """Resumed by 2 processes, a one-process checkpoint's RNG states (rank 0's, for every
+    rank) would have both ranks draw the same samples: each rank is reseeded, the same way
+    on every resume."""
+    from trainer.rl_math import FixedKLController
+    from trainer.rollout import RunCheckpoint
+
+    RunCheckpoint(tmp_path, "run", kl=FixedKLController(0.1)).save(3, {}, [])
+
+    def draw(rank: int, world_size: int) -> torch.Tensor:
+        dist = Distributed(rank=rank, world_size=world_size)
+        RunCheckpoint(tmp_path, "run", dist, kl=FixedKLController(0.1)).resume(print, 10)
+        return torch.rand(4)
+
+    alone = draw(0, 1)
+    assert torch.equal(draw(0, 1), alone)  # one process: exactly the saved states
+    first, second = draw(0, 2), draw(1, 2)
+    assert not torch.equal(first, second)
+    assert torch.equal(draw(1, 2), second)
+
+
+def test_ppo_and_rloo_refuse_to_be_sharded(policy_dir, tmp_path):
+    from trainer.handlers import ConfigError
+    from trainer.ppo import train
+
+    sharded = Distributed(rank=0, world_size=2, sharding="fsdp")
+    with pytest.raises(ConfigError, match="replicated, not sharded"):
+        train(ppo_config(policy_dir), PROMPTS, tmp_path, reward_fn=says_sunny, dist=sharded)

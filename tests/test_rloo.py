@@ -230,10 +230,13 @@ def test_accumulation_and_checkpointing_give_the_same_update(
     micro = config(
         policy_dir, **one_step, **LINEAR_ADAMW, micro_batch_size=3, gradient_checkpointing=True
     )
-    a, b = update_two_ways(train, plain, micro, tmp_path)
+    a, b, logged_a, logged_b = update_two_ways(train, plain, micro, tmp_path)
     start = weights(policy_dir)
     assert any(not torch.equal(a[name], start[name]) for name in a)  # the step did learn
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)  # every tensor, the same names
+    # the logged losses are the minibatch's own means too, however it was split
+    for name in ("policy/loss", "policy/clip_frac", "policy/approx_kl"):
+        assert logged_b[name] == pytest.approx(logged_a[name], rel=1e-4, abs=1e-6), name
 
 
 def test_lora_policy_uses_the_adapter_free_model_as_reference(

@@ -112,12 +112,12 @@ LINEAR_ADAMW = {"adam_eps": 10.0, "learning_rate": 1.0, "max_grad_norm": 1e9}
 
 def update_two_ways(
     train: Callable[..., Any], plain: Any, accumulated: Any, out: Path
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, float], dict[str, float]]:
     """The weights after the run of `plain` and after that of `accumulated` (the same run in
-    micro-batches), both on the dense reward `characters`."""
-    train(plain, PROMPTS, out / "plain", reward_fn=characters, device="cpu")
-    train(accumulated, PROMPTS, out / "micro", reward_fn=characters, device="cpu")
-    return weights(out / "plain"), weights(out / "micro")
+    micro-batches), both on the dense reward `characters`, and the two runs' last metrics."""
+    first = train(plain, PROMPTS, out / "plain", reward_fn=characters, device="cpu")
+    second = train(accumulated, PROMPTS, out / "micro", reward_fn=characters, device="cpu")
+    return weights(out / "plain"), weights(out / "micro"), first.metrics, second.metrics
 
 
 def weights(folder: Path) -> dict[str, Any]:

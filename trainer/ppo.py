@@ -69,6 +69,7 @@ from trainer.rl_math import (
 )
 from trainer.rollout import (
     CHECKPOINT_DIR,
+    LossMeans,
     OnPolicyConfig,
     RewardFunction,
     RunCheckpoint,
@@ -399,7 +400,7 @@ def train(
         # ---- 4. PPO epochs over shuffled minibatches
         policy.train()
         value_model.train()
-        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "akl", "gn")}
+        losses, grad_norms = LossMeans(), []  # token-weighted: the global minibatches' means
         with timer.phase("train"):
             for _ in range(config.ppo_epochs):
                 order = torch.randperm(b)
@@ -434,13 +435,16 @@ def train(
                             # to the minibatch's own token mean, whatever their lengths.
                             share = m.sum() / minibatch_tokens
                             dist.backward((pg_loss + config.vf_coef * vf_loss) * share)
-                        stats["pg"].append(pg_loss.item())
-                        stats["vf"].append(vf_loss.item())
-                        stats["clip"].append(clip_frac.item())
-                        stats["vclip"].append(vf_clip.item())
-                        stats["akl"].append(approx_kl.item())
+                        losses.add(
+                            m.sum().item(),
+                            pg=pg_loss,
+                            vf=vf_loss,
+                            clip=clip_frac,
+                            vclip=vf_clip,
+                            akl=approx_kl,
+                        )
                     grad_norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    stats["gn"].append(float(grad_norm))
+                    grad_norms.append(float(grad_norm))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
         learning_rate = scheduler.get_last_lr()[0]
@@ -450,9 +454,7 @@ def train(
         kl_per_response = kl.sum(dim=1)  # (B,)
         kl_ctl.update(kl_per_response.mean().item(), B)
         done += 1
-        names = ("pg", "vf", "clip", "vclip", "akl")
-        averages = dist.mean([sum(stats[n]) / len(stats[n]) for n in names])
-        avg = dict(zip(names, averages, strict=True))
+        avg = losses.means(dist)
         metrics = {
             "reward/raw": all_raw.mean().item(),
             "reward/normalized": all_score.mean().item(),
@@ -467,7 +469,7 @@ def train(
             "value/loss": avg["vf"],
             "value/clip_frac": avg["vclip"],
             "value/explained_variance": explained_variance(all_values, all_returns, all_mask),
-            **rollout_metrics(rollout, all_raw, learning_rate, stats["gn"], timer, began, dist),
+            **rollout_metrics(rollout, all_raw, learning_rate, grad_norms, timer, began, dist),
         }
         last_metrics = record_metrics(done, metrics, history, on_metric)
         on_progress(done / total, f"step {done}/{total}, reward {metrics['reward/normalized']:.3f}")

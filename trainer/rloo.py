@@ -64,6 +64,7 @@ from trainer.rl_math import (
 )
 from trainer.rollout import (
     CHECKPOINT_DIR,
+    LossMeans,
     OnPolicyConfig,
     RewardFunction,
     RunCheckpoint,
@@ -269,7 +270,7 @@ def train(
 
         # ---- 4. clipped REINFORCE over shuffled minibatches, one action per response
         policy.train()
-        stats: dict[str, list[float]] = {name: [] for name in ("pg", "clip", "akl", "gn")}
+        losses, grad_norms = LossMeans(), []  # the global minibatches' means
         with timer.phase("train"):
             for _ in range(config.epochs):
                 order = torch.randperm(b)
@@ -304,13 +305,12 @@ def train(
                             # equal minibatches) add up to the minibatch's mean over responses.
                             share = len(micro) / (len(minibatch) * dist.world_size)
                             dist.backward(pg_loss * share)
-                        stats["pg"].append(pg_loss.item())
-                        stats["clip"].append(clip_frac.item())
+                        losses.add(len(micro), pg=pg_loss, clip=clip_frac)  # per response
                         # per token, k3 of the old policy from the new one, as PPO logs it
                         approx_kl = masked_mean(kl_k3(old_logprobs[micro], new_logprobs), m)
-                        stats["akl"].append(approx_kl.item())
+                        losses.add(m.sum().item(), akl=approx_kl)
                     grad_norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    stats["gn"].append(float(grad_norm))
+                    grad_norms.append(float(grad_norm))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
         learning_rate = scheduler.get_last_lr()[0]
@@ -320,9 +320,7 @@ def train(
         kl_per_response = pool(kl.sum(dim=1))  # (B,)
         kl_ctl.update(kl_per_response.mean().item(), B)
         done += 1
-        names = ("pg", "clip", "akl")
-        averages = dist.mean([sum(stats[n]) / len(stats[n]) for n in names])
-        avg = dict(zip(names, averages, strict=True))
+        avg = losses.means(dist)
         all_mask, all_raw = pool(fmask), pool(raw_score)  # (B, R_max), (B,)
         k3 = pool((kl_k3(old_logprobs, ref_logprobs) * fmask).sum(1))  # (B,)
         metrics = {
@@ -338,7 +336,7 @@ def train(
             "policy/clip_frac": avg["clip"],
             "policy/approx_kl": avg["akl"],
             "rloo/baseline_std": baseline.std().item(),
-            **rollout_metrics(rollout, all_raw, learning_rate, stats["gn"], timer, began, dist),
+            **rollout_metrics(rollout, all_raw, learning_rate, grad_norms, timer, began, dist),
         }
         last_metrics = record_metrics(done, metrics, history, on_metric)
         on_progress(done / total, f"step {done}/{total}, reward {metrics['reward/normalized']:.3f}")

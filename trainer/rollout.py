@@ -38,6 +38,7 @@ from trainer import generate
 from trainer.data import EncodedGroup, Prompt
 from trainer.distributed import SINGLE, Distributed
 from trainer.generate import encode_prompt  # the policy's prompt format, for PPO and RLOO
+from trainer.handlers import ConfigError
 from trainer.modeling import disable_dropout, enable_checkpointing
 from trainer.reward import RewardScorer
 from trainer.rl_math import (
@@ -58,6 +59,7 @@ from trainer.runtime import (
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "LossMeans",
     "OnPolicyConfig",
     "RewardFunction",
     "RewardModelFunction",
@@ -232,11 +234,15 @@ def open_run(
     dist: Distributed = SINGLE,
 ) -> tuple[Path, torch.device]:
     """(output_dir, device) of a run, the folder made; refuses one with nothing to train on
-    or nothing to reward it. One of several processes runs on the device its rank has."""
+    or nothing to reward it, or sharded. One of several processes runs on its rank's device."""
     if not prompts:
         raise ValueError("no prompts")
     if reward_fn is None and config.reward_model is None:
         raise ValueError("give config.reward_model or a reward_fn")
+    if dist.sharded:
+        raise ConfigError(
+            "PPO and RLOO run data-parallel (DDP): their models are replicated, not sharded"
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir, dist.device if dist.active else resolve_device(device)
@@ -256,7 +262,7 @@ def seed_ranks(seed: int, dist: Distributed) -> None:
     """After the models are built (alike on every rank): each of several processes draws its
     own samples and minibatch orders from then on. One process: nothing changes."""
     if dist.active:
-        seed_everything(seed * 1_000_003 + dist.rank)
+        seed_everything((seed * 1_000_003 + dist.rank) % 2**32)  # numpy's seed range
 
 
 # ---------------------------------------------------------------------------------------
@@ -648,8 +654,14 @@ class RunCheckpoint:
             return 0, {}, []
         for name, part in self.parts.items():
             part.load_state_dict(state[name])
-        self.dist.restore_rng(state["rng"])
+        saved = state["rng"]
+        self.dist.restore_rng(saved)
         done = state["step"]
+        if self.dist.active and (not isinstance(saved, list) or len(saved) != self.dist.world_size):
+            # Saved by another number of processes: every rank has rank 0's states now, and
+            # would draw the same samples as the others; each gets a stream of its own.
+            run_seed = int(hashlib.sha256(self.fingerprint.encode()).hexdigest()[:8], 16)
+            seed_ranks(run_seed + done, self.dist)
         on_progress(done / total, f"resumed at step {done}/{total}")
         return done, state["metrics"], state["history"]
 
@@ -694,6 +706,27 @@ class Timer:
                 timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.began
 
         return _Phase()
+
+
+class LossMeans:
+    """A step's logged losses as weighted means over its micro-batches and ranks: each
+    value weighted by what it is a mean over (tokens, responses), so the figure is the
+    global batch's own mean, however the rows were split."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, weight: float, **values: Any) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
+            self.weights[name] = self.weights.get(name, 0.0) + weight
+
+    def means(self, dist: Distributed = SINGLE) -> dict[str, float]:
+        """Every value's mean over all ranks (a collective: every rank calls it)."""
+        names = sorted(self.sums)
+        totals = dist.sum([self.sums[n] for n in names] + [self.weights[n] for n in names])
+        return {n: totals[i] / totals[len(names) + i] for i, n in enumerate(names)}
 
 
 def rollout_metrics(
