@@ -26,6 +26,13 @@ time PPO's own work (log-probs, clipping, masking, shuffling) costs.
     .venv/bin/python bench/ppo.py --tiny                 # CPU, a 2-layer model, < 1 min
     .venv/bin/python bench/ppo.py                        # CUDA, ~0.5B, bf16
     .venv/bin/python bench/ppo.py --batch 128 --new-tokens 256 --gradient-checkpointing
+    .venv/bin/python bench/ppo.py --processes 8          # 8 GPUs, data-parallel, as a job
+
+With --processes N the steps run as a `"processes": N` job runs them (trainer/launch.py: N
+ranks, each sampling and training on 1/N of every batch); the figures are the global
+batch's, the MFU is against N devices' peak, the peer runs on one device with one rank's
+shapes, and PPO / bare compares per device. Peak memory is then not read (the ranks are
+other processes).
 """
 
 from __future__ import annotations
@@ -200,6 +207,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--vocab", type=int, default=None, help="synthetic vocabulary size")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--processes", type=int, default=1, help="data-parallel ranks (GPUs)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -258,7 +266,8 @@ def main() -> None:
             f"device {device_name}; policy {counts['total'] / 1e6:.1f}M parameters "
             f"(+ reward model and value model of the same shape), batch {args.batch}, "
             f"{args.prompt_length}-word prompts, {args.new_tokens} new tokens, "
-            f"{args.ppo_epochs} PPO epochs, minibatch {args.minibatch}; "
+            f"{args.ppo_epochs} PPO epochs, minibatch {args.minibatch}, "
+            f"{args.processes} process{'es' if args.processes > 1 else ''}; "
             f"built in {time.perf_counter() - began:.1f}s",
             flush=True,
         )
@@ -270,15 +279,33 @@ def main() -> None:
             steps.setdefault(step, {})[name] = value
 
         began = time.perf_counter()
-        train(config, prompts, root / "out", device=device, on_metric=on_metric)
+        if args.processes > 1:
+            from trainer.launch import launch
+
+            if threads:
+                os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for every rank
+            run = (config, prompts, root / "out")
+            launch(
+                "trainer.ppo:train",
+                run,
+                {},
+                processes=args.processes,
+                device=device.type,
+                run_dir=root / "launch",
+                on_metric=on_metric,
+            )
+        else:
+            train(config, prompts, root / "out", device=device, on_metric=on_metric)
         wall = time.perf_counter() - began
-        peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        cuda_here = device.type == "cuda" and args.processes == 1
+        peak_memory = torch.cuda.max_memory_allocated(device) if cuda_here else None
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the run's models are gone; the peer loads its own
 
-        # the peer: the same shapes, one PPO step's worth of optimizer steps
+        # the peer: one rank's shapes, one PPO step's worth of optimizer steps, one device
         width = round(steps[max(steps)]["tokens/sequence"] / args.batch)  # P + R
-        micro = args.micro_batch or args.minibatch
+        rank_minibatch = args.minibatch // args.processes
+        micro = args.micro_batch or rank_minibatch
         bare_tps = bare_training_tokens_per_second(
             policy_dir,
             reward_dir,
@@ -286,7 +313,7 @@ def main() -> None:
             micro=micro,
             width=width,
             response=args.new_tokens,
-            micro_per_step=args.minibatch // micro,
+            micro_per_step=max(rank_minibatch // micro, 1),
             optimizer_steps=args.ppo_epochs * args.batch // args.minibatch,
             gradient_checkpointing=args.gradient_checkpointing,
         )
@@ -305,6 +332,7 @@ def main() -> None:
     response_share = response_tokens / sequence_tokens
     flops_per_token = 6 * (2 * counts["body"] + counts["head"] * response_share)
     achieved = flops_per_token * trained_tokens / total["time/train"]
+    per_device = train_tps / args.processes  # the bare loop runs on one device
 
     print(f"steps measured        {len(measured)} (of {len(steps)}; the first is warm-up)")
     print(f"step time             {step_time:.2f} s  (run {wall:.1f} s, saving included)")
@@ -320,9 +348,13 @@ def main() -> None:
     # the same FLOPs per token: the bare loop runs the head on the same response share
     bare_flops = 6 * (2 * counts["body"] + counts["head"] * args.new_tokens / width) * bare_tps
     print(f"bare loop tokens/s    {bare_tps:,.0f}  (the peer: the same models and shapes, no PPO)")
-    print(f"PPO / bare            {train_tps / bare_tps:.2f}x  (training tokens/s)")
+    print(f"PPO / bare            {per_device / bare_tps:.2f}x  (training tokens/s per device)")
     if peak is not None:
-        print(f"training MFU          {100 * achieved / peak:.1f}%  (of {peak / 1e12:.0f} TFLOPS)")
+        devices = args.processes
+        print(
+            f"training MFU          {100 * achieved / (peak * devices):.1f}%  "
+            f"(of {devices} x {peak / 1e12:.0f} TFLOPS)"
+        )
         print(f"bare loop MFU         {100 * bare_flops / peak:.1f}%")
     else:
         print("training MFU          n/a (no bf16 peak known for this device)")
