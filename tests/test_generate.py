@@ -113,6 +113,11 @@ def test_a_row_stops_at_eos_and_the_rest_is_cut(sampler):
     # each text keeps the ids the policy sampled, the stop token with them
     assert text.tokens == (*new[:cut], new[cut])
     assert free[0].tokens == tuple(new)
+    import copy
+    import pickle
+
+    for kept in (pickle.loads(pickle.dumps(free[0])), copy.deepcopy(free[0])):  # noqa: S301
+        assert kept == free[0] and kept.tokens == free[0].tokens
     assert free[0] == sampler.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 

@@ -51,6 +51,19 @@ def test_the_api_answers_a_repeat_with_the_waiting_job(client, db, users):
     hotter = post(temperature=1.2)
     assert hotter.status_code == 200 and hotter.json()["id"] == first
     assert generate_jobs(db) == 1
+    # A repeat that could not run is refused as it would be with nothing waiting...
+    unknown = post(reward_model_id=99999)
+    assert unknown.status_code in (404, 422) and "reward_model_id" in unknown.text
+    assert post(temperature=0).status_code == 422  # greedy: K=2 identical completions
+    # ... and a more urgent one hurries the waiting job along.
+    urgent = client.post(
+        "/api/v1/jobs",
+        json={"kind": "generate", "config": config, "priority": 50},
+        headers=auth,
+    )
+    assert urgent.status_code == 200 and urgent.json()["priority"] == 50
+    assert post().json()["priority"] == 50  # never lowered
+    assert generate_jobs(db) == 1
 
     # Another model, or the same model for another campaign, is another job.
     other_model = post(model_id=second_model.id)

@@ -46,6 +46,9 @@ class SampledText(str):
         made.tokens = tuple(tokens)
         return made
 
+    def __reduce__(self) -> tuple[type[SampledText], tuple[str, tuple[int, ...]]]:
+        return SampledText, (str(self), self.tokens)  # copied and pickled with its ids
+
 
 def text_hash(text: str) -> str:
     """The same sha256 as app.labeling.importer.completion_hash (a completion's content hash)."""

@@ -16,7 +16,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign
 from app.jobs import registry
 from app.jobs.models import Job, JobState, ModelKind, ModelVersion
@@ -109,9 +108,14 @@ def queue_unless_waiting(
     db: Session, spec: GenerateJobSpec, *, actor_id: int | None, priority: int = 0
 ) -> tuple[Job, bool]:
     """Queue the generate job and True, unless `waiting_job` finds one for the same campaign
-    from the same model or endpoint: that one and False, and nothing is queued."""
-    campaign = campaigns.get_by_slug(db, spec.campaign)
-    waiting = waiting_job(db, campaign, spec) if campaign is not None else None
-    if waiting is not None:
-        return waiting, False
-    return registry.queue_generation(db, spec, actor_id=actor_id, priority=priority), True
+    from the same model or endpoint: that one and False, and nothing new is queued (a
+    still-queued one takes the higher priority). A spec that could not run is SpecError
+    either way."""
+    campaign = registry.check_generation(db, spec)
+    waiting = waiting_job(db, campaign, spec)
+    if waiting is None:
+        return registry.queue_generation(db, spec, actor_id=actor_id, priority=priority), True
+    if waiting.state is JobState.queued and priority > waiting.priority:
+        waiting.priority = priority
+        db.flush()
+    return waiting, False

@@ -175,11 +175,10 @@ def per_task(campaign: Campaign) -> int:
     return campaign.k
 
 
-def queue_generation(
-    db: Session, spec: GenerateJobSpec, *, actor_id: int | None, priority: int = 0
-) -> Job:
-    """Queue a `generate` job; an unknown campaign or a model that is not a policy version is
-    SpecError and queues nothing."""
+def check_generation(db: Session, spec: GenerateJobSpec) -> Campaign:
+    """The spec's campaign, once the spec can run there: an unknown campaign, greedy decoding
+    of K > 1 completions, a model version that is missing or of the wrong kind, or a version
+    audited against itself is SpecError."""
     campaign = campaigns.get_by_slug(db, spec.campaign)
     if campaign is None:
         raise SpecError(f"campaign: there is no campaign '{spec.campaign}'")
@@ -203,6 +202,15 @@ def queue_generation(
             raise SpecError(f"{field}: there is no {kind.value} model version {wanted}")
     if spec.audit_against_id is not None and spec.audit_against_id == spec.model_id:
         raise SpecError("audit_against_id: a version cannot be audited against itself")
+    return campaign
+
+
+def queue_generation(
+    db: Session, spec: GenerateJobSpec, *, actor_id: int | None, priority: int = 0
+) -> Job:
+    """Queue a `generate` job; a spec that cannot run (`check_generation`) is SpecError and
+    queues nothing."""
+    campaign = check_generation(db, spec)
     job = jobs.enqueue(
         db,
         kind=GENERATE,
