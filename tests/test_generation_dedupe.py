@@ -139,3 +139,40 @@ def test_prefloop_generate_twice_queues_one_job(fresh_database_url, tmp_path):
         assert f"nothing new was queued: job {waiting.id} (queued)" in repeat.stdout
         assert "queued job" not in repeat.stdout
     assert other.returncode == 0 and f"queued job {queued.id}" in other.stdout, other.stderr
+
+
+def test_two_first_requests_at_once_queue_one_job(live):
+    """The second request waits for the first one's transaction (the campaign's row is
+    locked on PostgreSQL; SQLite's writers queue anyway), then finds its job waiting."""
+    import threading
+    import time
+
+    from app.jobs import generation
+    from app.jobs.specs import GenerateJobSpec
+
+    database, _ = live
+    with database.session() as db:
+        make_campaign(db, slug="dedupe-race", k=2)
+        model_id = policy(db, "dedupe-race").id
+        db.commit()
+    spec = GenerateJobSpec(campaign="dedupe-race", model_id=model_id)
+    first_committed = threading.Event()
+    second: dict[str, tuple[int, bool, bool]] = {}
+
+    def ask_again() -> None:
+        with database.session() as db:
+            job, created = generation.queue_unless_waiting(db, spec, actor_id=None)
+            second["answer"] = (job.id, created, first_committed.is_set())
+            db.commit()
+
+    with database.session() as db:
+        job, created = generation.queue_unless_waiting(db, spec, actor_id=None)
+        thread = threading.Thread(target=ask_again)
+        thread.start()
+        time.sleep(0.5)  # the second request reaches the check meanwhile
+        first_committed.set()
+        db.commit()
+    thread.join(timeout=30)
+    assert created and second["answer"] == (job.id, False, True)
+    with database.session() as db:
+        assert generate_jobs(db) == 1

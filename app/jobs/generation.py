@@ -110,8 +110,11 @@ def queue_unless_waiting(
     """Queue the generate job and True, unless `waiting_job` finds one for the same campaign
     from the same model or endpoint: that one and False, and nothing new is queued (a
     still-queued one takes the higher priority). A spec that could not run is SpecError
-    either way."""
+    either way. Requests for one campaign are serialised by a lock on its row."""
     campaign = registry.check_generation(db, spec)
+    # Two requests at once: the second waits here for the first's commit, then finds its job
+    # (PostgreSQL; SQLite's writers are in line from their first statement).
+    db.execute(select(Campaign.id).where(Campaign.id == campaign.id).with_for_update())
     waiting = waiting_job(db, campaign, spec)
     if waiting is None:
         return registry.queue_generation(db, spec, actor_id=actor_id, priority=priority), True
