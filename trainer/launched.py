@@ -7,11 +7,11 @@ e.g. "trainer.reward:train"), its arguments, the device kind and the sharding ("
 "fsdp": FSDP2). Every rank calls
 `function(*args, **kwargs, dist=..., on_metric=..., on_progress=..., should_stop=...)`; the
 function must accept those keywords (the `train` of trainer.reward, trainer.sft,
-trainer.dpo, trainer.ppo and trainer.rloo do). Rank 0 appends its metrics and progress to `events.jsonl` for the
-worker to forward, and writes the function's return value to `result.pkl`; each rank whose
-function returned leaves `done-rank<r>`, so that a rank dying as the processes shut down (a
-communication library's threads at interpreter exit) does not fail a run whose work is all
-done and saved. A `STOP` file (the worker's stop request), or the
+trainer.dpo, trainer.ppo and trainer.rloo do). Rank 0 appends its metrics and progress to
+`events.jsonl` for the worker to forward, and writes the function's return value to
+`result.pkl`; each rank whose function returned leaves `done-rank<r>`, so that a rank dying
+as the processes shut down (a communication library's threads at interpreter exit) does not
+fail a run whose work is all done and saved. A `STOP` file (the worker's stop request), or the
 worker's death, stops every rank at the same step: they checkpoint and exit.
 
 Each rank dies with its launcher (PR_SET_PDEATHSIG) and also stops when the worker process

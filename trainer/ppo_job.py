@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,19 +31,16 @@ from app.jobs.specs import PPOJobSpec, RLOOJobSpec, parse_ppo_spec
 from app.labeling.models import Prompt
 from trainer.model_versions import finite, publish
 from trainer.ppo import PPOConfig, train
-from trainer.rollout import OnPolicyConfig
-from trainer.training_job import train_in_job
-from trainer.training_job import trainer_config as config_from_spec
+from trainer.training_job import train_in_job, trainer_config
 
 PROMPTS_FILE = "prompts.json"
 
 PolicyJobSpec = PPOJobSpec | RLOOJobSpec
-C = TypeVar("C", bound=OnPolicyConfig)
 
 
 def ppo_config(spec: PPOJobSpec, policy: str, reward_model: str) -> PPOConfig:
     """The trainer's config from the spec's training options (same names, checked by tests)."""
-    return trainer_config(PPOConfig, spec, policy, reward_model)
+    return trainer_config(PPOConfig, spec, policy=policy, reward_model=reward_model)
 
 
 def run(ctx: Any) -> dict[str, Any]:
@@ -90,12 +87,6 @@ def read_job_inputs(ctx: Any, spec: PolicyJobSpec) -> JobInputs:
         policy_path, reward_path = job_model_paths(db, spec, Path(ctx.settings.data_dir))
         prompts = job_prompts(db, spec, checkpoint)
     return JobInputs(prompts, policy_path, reward_path, checkpoint / "run")
-
-
-def trainer_config(config: type[C], spec: PolicyJobSpec, policy: str, reward_model: str) -> C:
-    """A trainer's config (PPOConfig, RLOOConfig) from the spec's training options, which
-    have the config's field names (tests hold them equal)."""
-    return config_from_spec(config, spec, policy=policy, reward_model=reward_model)
 
 
 def job_model_paths(db: Session, spec: PolicyJobSpec, data_dir: Path) -> tuple[str, str]:

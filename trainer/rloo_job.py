@@ -19,13 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 from app.jobs.specs import RLOOJobSpec, parse_rloo_spec
-from trainer.ppo_job import publish_policy, read_job_inputs, train_policy, trainer_config
+from trainer.ppo_job import publish_policy, read_job_inputs, train_policy
 from trainer.rloo import RLOOConfig, train
+from trainer.training_job import trainer_config
 
 
 def rloo_config(spec: RLOOJobSpec, policy: str, reward_model: str) -> RLOOConfig:
     """The trainer's config from the spec's training options (same names, checked by tests)."""
-    return trainer_config(RLOOConfig, spec, policy, reward_model)
+    return trainer_config(RLOOConfig, spec, policy=policy, reward_model=reward_model)
 
 
 def run(ctx: Any) -> dict[str, Any]:

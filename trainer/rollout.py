@@ -719,7 +719,8 @@ class LossMeans:
 
     def add(self, weight: float, **values: Any) -> None:
         for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
+            number = value.item() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[name] = self.sums.get(name, 0.0) + number * weight
             self.weights[name] = self.weights.get(name, 0.0) + weight
 
     def means(self, dist: Distributed = SINGLE) -> dict[str, float]:

@@ -117,7 +117,7 @@ def queue_unless_waiting(
     db.execute(select(Campaign.id).where(Campaign.id == campaign.id).with_for_update())
     waiting = waiting_job(db, campaign, spec)
     if waiting is None:
-        return registry.queue_generation(db, spec, actor_id=actor_id, priority=priority), True
+        return registry.enqueue_generation(db, spec, campaign, actor_id, priority), True
     if waiting.state is JobState.queued and priority > waiting.priority:
         waiting.priority = priority
         db.flush()

@@ -210,7 +210,13 @@ def queue_generation(
 ) -> Job:
     """Queue a `generate` job; a spec that cannot run (`check_generation`) is SpecError and
     queues nothing."""
-    campaign = check_generation(db, spec)
+    return enqueue_generation(db, spec, check_generation(db, spec), actor_id, priority)
+
+
+def enqueue_generation(
+    db: Session, spec: GenerateJobSpec, campaign: Campaign, actor_id: int | None, priority: int
+) -> Job:
+    """The `generate` job of a spec `check_generation` passed for `campaign`, audited."""
     job = jobs.enqueue(
         db,
         kind=GENERATE,

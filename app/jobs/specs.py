@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
@@ -364,6 +364,8 @@ class OnPolicyTraining(BaseModel):
     """What PPO and RLOO runs share (see `trainer.rollout.OnPolicyConfig`)."""
 
     model_config = ConfigDict(extra="forbid")
+    # The global batch sizes that each of a job's processes takes an equal share of.
+    SPLIT_BATCHES: ClassVar[tuple[str, ...]] = ()
 
     normalize_reward: bool = True
     use_lora: bool = False
@@ -395,6 +397,8 @@ class OnPolicyTraining(BaseModel):
 
 class PPOTraining(OnPolicyTraining):
     """Hyperparameters of a PPO run (see `trainer.ppo.PPOConfig`; a test holds them equal)."""
+
+    SPLIT_BATCHES: ClassVar[tuple[str, ...]] = ("rollout_batch_size", "minibatch_size")
 
     value_init: Literal["auto", "reward", "policy"] = "auto"
     rollout_batch_size: int = Field(64, ge=1, le=65_536)
@@ -428,17 +432,19 @@ class OnPolicyJobSpec(BaseModel):
     )
     name: str | None = Field(None, max_length=200)
     processes: Processes = 1
+    training: OnPolicyTraining
 
-
-def check_even_split(processes: int, **batches: int | None) -> None:
-    """Each of a PPO or RLOO job's processes samples and trains on an equal share of every
-    global batch (the `training` sizes named in `batches`)."""
-    for name, size in batches.items():
-        if size is not None and size % processes:
-            raise ValueError(
-                f"training.{name} ({size}) must be a multiple of processes ({processes}): "
-                "each process takes an equal share of it"
-            )
+    @model_validator(mode="after")
+    def _batches_split_over_processes(self) -> OnPolicyJobSpec:
+        """Each process samples and trains on an equal share of every global batch."""
+        for name in self.training.SPLIT_BATCHES:
+            size = getattr(self.training, name)
+            if size is not None and size % self.processes:
+                raise ValueError(
+                    f"training.{name} ({size}) must be a multiple of processes "
+                    f"({self.processes}): each process takes an equal share of it"
+                )
+        return self
 
 
 class PPOJobSpec(OnPolicyJobSpec):
@@ -446,14 +452,6 @@ class PPOJobSpec(OnPolicyJobSpec):
     campaigns' prompts, under a KL penalty toward the starting policy."""
 
     training: PPOTraining = Field(default_factory=PPOTraining)
-
-    @model_validator(mode="after")
-    def _batches_split_over_processes(self) -> PPOJobSpec:
-        t = self.training
-        check_even_split(
-            self.processes, rollout_batch_size=t.rollout_batch_size, minibatch_size=t.minibatch_size
-        )
-        return self
 
 
 def parse_ppo_spec(raw: dict[str, Any]) -> PPOJobSpec:
@@ -465,6 +463,8 @@ RLOO = "rloo"
 
 class RLOOTraining(OnPolicyTraining):
     """Hyperparameters of an RLOO run (see `trainer.rloo.RLOOConfig`; a test holds them equal)."""
+
+    SPLIT_BATCHES: ClassVar[tuple[str, ...]] = ("prompts_per_step", "minibatch_size")
 
     prompts_per_step: int = Field(16, ge=1, le=65_536, description="Each answered k times.")
     k: int = Field(4, ge=2, le=256, description="Responses per prompt (the baseline needs 2).")
@@ -487,14 +487,6 @@ class RLOOJobSpec(OnPolicyJobSpec):
     model), under a KL penalty toward the starting policy."""
 
     training: RLOOTraining = Field(default_factory=RLOOTraining)
-
-    @model_validator(mode="after")
-    def _batches_split_over_processes(self) -> RLOOJobSpec:
-        t = self.training
-        check_even_split(
-            self.processes, prompts_per_step=t.prompts_per_step, minibatch_size=t.minibatch_size
-        )
-        return self
 
 
 def parse_rloo_spec(raw: dict[str, Any]) -> RLOOJobSpec:
