@@ -139,7 +139,9 @@ def test_a_two_process_checkpoint_resumes_in_one(policy_dir, tmp_path):
     process resumes it, taking rank 0's RNG states."""
     from trainer.ppo import train
 
-    config = ppo_config(policy_dir, total_steps=4, rollout_batch_size=8, minibatch_size=4)
+    # Long enough that the stop, asked after the first step's metrics, lands mid-run.
+    steps = 40
+    config = ppo_config(policy_dir, total_steps=steps, rollout_batch_size=8, minibatch_size=4)
     out = tmp_path / "run"
     seen: list[tuple[int, str, float]] = []
     stopped = _launch(
@@ -150,10 +152,12 @@ def test_a_two_process_checkpoint_resumes_in_one(policy_dir, tmp_path):
         on_metric=lambda step, name, value: seen.append((step, name, value)),
         should_stop=lambda: bool(seen),
     )
-    assert stopped.stopped and stopped.steps < 4
+    assert stopped.stopped and stopped.steps < steps
     resumed = train(config, PROMPTS, out, reward_fn=says_sunny, device="cpu")
-    assert not resumed.stopped and resumed.steps == 4
-    assert [step for step, name, _ in resumed.history if name == "reward/raw"] == [1, 2, 3, 4]
+    assert not resumed.stopped and resumed.steps == steps
+    assert [step for step, name, _ in resumed.history if name == "reward/raw"] == list(
+        range(1, steps + 1)
+    )
     assert resumed.history[: len(stopped.history)] == stopped.history
     assert not (out / CHECKPOINT_DIR).exists()
 
