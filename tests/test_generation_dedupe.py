@@ -101,9 +101,14 @@ def test_the_api_tells_endpoints_apart_by_url_and_model(client, db, users):
     assert first.status_code == 201, first.text
     same = post(api="completions", concurrency=8)
     assert same.status_code == 200 and same.json()["id"] == first.json()["id"]
+    for spelling in ("http://vllm:8000", "HTTP://VLLM:8000/", "http://vllm:8000/v1/"):
+        respelled = post(base_url=spelling)
+        assert respelled.status_code == 200 and respelled.json()["id"] == first.json()["id"]
+    elsewhere = post(base_url="http://vllm:8001/v1")
+    assert elsewhere.status_code == 201
     other = post(model="llama")
     assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
-    assert generate_jobs(db) == 2
+    assert generate_jobs(db) == 3
 
 
 def test_prefloop_generate_twice_queues_one_job(fresh_database_url, tmp_path):

@@ -15,7 +15,7 @@ from app.audit.models import AuditEvent
 from app.auth import service as auth_service
 from app.jobs import registry
 from app.jobs.models import Job, ModelKind, ModelVersion
-from app.jobs.specs import GenerateJobSpec, SpecError, parse_generate_spec
+from app.jobs.specs import GenerateJobSpec, SpecError, canonical_base_url, parse_generate_spec
 from tests.factories import make_campaign, make_task
 from tests.test_cli import cli_env, run_cli, run_cli_together
 
@@ -133,6 +133,23 @@ def test_generation_specs_are_checked_before_queueing(db, tmp_path):
     assert job.config["model_id"] == policy.id and "endpoint" not in job.config
 
 
+@pytest.mark.parametrize(
+    ("spelling", "canonical"),
+    [
+        ("http://127.0.0.1:8000", "http://127.0.0.1:8000/v1"),
+        ("http://127.0.0.1:8000/v1/", "http://127.0.0.1:8000/v1"),
+        (" HTTPS://API.Example.com/openai/ ", "https://api.example.com/openai/v1"),
+        ("https://api.example.com/openai/v1", "https://api.example.com/openai/v1"),
+    ],
+)
+def test_an_endpoint_has_one_spelling(spelling, canonical):
+    assert canonical_base_url(spelling) == canonical
+    spec = parse_generate_spec(
+        {"campaign": "x", "endpoint": {"base_url": spelling.strip(), "model": "m"}}
+    )
+    assert spec.endpoint.base_url == canonical
+
+
 def test_due_prompts_lack_an_open_task_and_this_models_k(db, tmp_path):
     """Prompt-only imports and prompts whose tasks are done are due; prompts being labeled,
     and prompts this model already answered K times, are not."""
@@ -181,11 +198,17 @@ def test_due_prompts_lack_an_open_task_and_this_models_k(db, tmp_path):
         campaign=campaign,
         prompt_id=bare.id,
         texts=["i", "j"],
-        params=[registry.generator_key(endpoint)] * 2,
+        # spelled as completions were stored before base URLs were made canonical
+        params=[registry.generator_key(endpoint) | {"base_url": "http://VLLM:8000/"}] * 2,
         model_version_id=None,
     ).status = TaskStatus.retired
     db.flush()
+    assert endpoint.endpoint.base_url == "http://vllm:8000/v1"
     assert bare.id not in registry.due_prompts(db, campaign, endpoint)
+    respelled = GenerateJobSpec(
+        campaign=campaign.slug, endpoint={"base_url": "http://vllm:8000", "model": "m"}
+    )
+    assert bare.id not in registry.due_prompts(db, campaign, respelled)
     assert bare.id in registry.due_prompts(
         db,
         campaign,

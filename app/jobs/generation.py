@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from app.campaigns.models import Campaign
 from app.jobs import registry
 from app.jobs.models import Job, JobState, ModelKind, ModelVersion
-from app.jobs.specs import GENERATE, GenerateJobSpec
+from app.jobs.specs import GENERATE, GenerateJobSpec, canonical_base_url
 from app.loop import service as loop_service
 from app.loop.models import LoopIteration, PolicyLoop
 
@@ -96,9 +96,11 @@ def waiting_job(db: Session, campaign: Campaign, spec: GenerateJobSpec) -> Job |
         if spec.model_id is not None and config.get("model_id") == spec.model_id:
             return job
         endpoint = config.get("endpoint") or {}
-        if spec.endpoint is not None and (endpoint.get("base_url"), endpoint.get("model")) == (
-            spec.endpoint.base_url,
-            spec.endpoint.model,
+        if (
+            spec.endpoint is not None
+            and isinstance(endpoint.get("base_url"), str)
+            and canonical_base_url(endpoint["base_url"]) == spec.endpoint.base_url
+            and endpoint.get("model") == spec.endpoint.model
         ):
             return job
     return None

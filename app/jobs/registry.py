@@ -24,7 +24,7 @@ from app.campaigns import service as campaigns
 from app.campaigns.models import Campaign, CampaignMode
 from app.jobs import service as jobs
 from app.jobs.models import Job, ModelKind, ModelVersion
-from app.jobs.specs import GENERATE, GenerateJobSpec, SpecError
+from app.jobs.specs import GENERATE, GenerateJobSpec, SpecError, canonical_base_url
 from app.labeling.importer import completion_hash, task_hash
 from app.labeling.models import (
     Completion,
@@ -256,6 +256,8 @@ def generator_key(spec: GenerateJobSpec) -> dict[str, Any]:
 
 
 def _from_generator(key: dict[str, Any], params: dict[str, Any]) -> bool:
+    if isinstance(params.get("base_url"), str):  # stored before base URLs were canonical
+        params = {**params, "base_url": canonical_base_url(params["base_url"])}
     return all(params.get(name) == value for name, value in key.items())
 
 

@@ -13,7 +13,15 @@ import importlib.util
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from app.exports.schemas import SOURCES, ExportParams, Source
@@ -274,7 +282,7 @@ class Endpoint(BaseModel):
     base_url: str = Field(
         min_length=8,
         max_length=500,
-        pattern=r"^https?://",
+        pattern=r"(?i)^https?://",
         description="e.g. http://127.0.0.1:8000/v1 (with or without the /v1).",
     )
     model: str = Field(min_length=1, max_length=200, description="The served model's name.")
@@ -287,6 +295,23 @@ class Endpoint(BaseModel):
     timeout_seconds: float = Field(120.0, gt=0, le=3600, description="Per request.")
     max_retries: int = Field(4, ge=0, le=20, description="On 429, 5xx and connection errors.")
     concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _canonical(cls, url: str) -> str:
+        return canonical_base_url(url)
+
+
+def canonical_base_url(url: str) -> str:
+    """One spelling per server, so that jobs and completions from it are told together:
+    `HTTP://Host:8000/` and `http://host:8000/v1` are both `http://host:8000/v1` (the
+    client calls `<base>/v1/...` either way)."""
+    scheme, _, rest = url.strip().partition("://")
+    host, slash, path = rest.partition("/")
+    path = (slash + path).rstrip("/")
+    if not path.endswith("/v1"):
+        path += "/v1"
+    return f"{scheme.lower()}://{host.lower()}{path}"
 
 
 class GenerateJobSpec(BaseModel):
