@@ -34,6 +34,10 @@ from trainer.worker import run_worker
 WORDS = ["sunny", "rain", "cloud", "wind", "cold", "tell", "me", "about", "the", "weather"]
 FAST = {"lease_seconds": 30.0, "heartbeat_seconds": 0.3, "poll_interval": 0.05}
 PROMPTS = 6
+# Iteration 2 starts on the fresh tasks' judgments; a prompt the generate job reports short
+# (fewer than PROMPTS // 2 of them, asserted below) has no fresh task, so the threshold is
+# what the rest reach.
+MIN_NEW_COMPARISONS = PROMPTS - (PROMPTS // 2 - 1)
 
 
 def save_models(data_dir: Path) -> None:
@@ -87,7 +91,7 @@ def test_one_loop_iteration_turns_labels_into_a_new_policy_and_audited_tasks(liv
                 "algorithm": "ppo",
                 "policy_id": base.id,
                 "reward_model_id": rm.id,
-                "min_new_comparisons": PROMPTS,
+                "min_new_comparisons": MIN_NEW_COMPARISONS,
                 "audit_share": 0.5,
                 "reward": {"test_fraction": 0.2, "training": {"max_length": 32, "batch_size": 2}},
                 "policy": {"training": TINY_PPO_TRAINING | {"checkpoint_every": 0}},
@@ -165,7 +169,8 @@ def test_one_loop_iteration_turns_labels_into_a_new_policy_and_audited_tasks(liv
             }
             return sorted(ids, key=lambda cid: cid not in mine)
 
-        label_everything(db, campaign, labeler, new_first)
+        judged_again = label_everything(db, campaign, labeler, new_first)
+        assert judged_again == PROMPTS - len(short)
         policy_id, reward_job_id = policy.id, iteration.reward_job_id
 
     client = TestClient(create_app(settings, database))
@@ -210,10 +215,11 @@ def test_one_loop_iteration_turns_labels_into_a_new_policy_and_audited_tasks(liv
     assert {v["id"] for v in json.loads(listed.stdout)["versions"]} == set(by_id)
     resumed = run_cli("loop", "resume", "loop-live", env=env, cwd=cwd)
     assert resumed.returncode == 0 and "Loop resumed." in resumed.stdout
-    # The six new tasks' judgments are six new comparisons: the next iteration starts, from
-    # the new policy.
+    # The new tasks' judgments are new comparisons: the next iteration starts, from the new
+    # policy.
     ticked = run_cli("loop", "tick", "loop-live", env=env, cwd=cwd)
-    assert "Started" in ticked.stdout and "iteration 2: 6 new comparisons" in ticked.stdout
+    assert "Started" in ticked.stdout, ticked.stdout
+    assert f"iteration 2: {judged_again} new comparisons" in ticked.stdout
     with database.session() as db:
         second = loops.open_iteration(db, db.get_one(PolicyLoop, loop_id))
         assert second is not None and second.parent_policy_id == policy_id
