@@ -35,7 +35,7 @@ def pooled_numbers(
         "rows": pooled,
         "flags": dist.gather_rows(flags),
         "mine": pooled[dist.mine(2), : r + 1],
-        "mean": dist.mean([r, 10.0]),
+        "sum": dist.sum([r, 10.0]),
     }
 
 
@@ -52,7 +52,7 @@ def test_the_ranks_pool_their_rows_padded_to_the_widest(tmp_path):
     assert torch.equal(got["rows"], torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 2.0], [2.0, 2.0]]))
     assert got["flags"].dtype == torch.bool and got["flags"].tolist() == [True, True, False, True]
     assert torch.equal(got["mine"], torch.ones(2, 1))  # its own rows at its own width
-    assert got["mean"] == [0.5, 10.0]
+    assert got["sum"] == [1.0, 20.0]
     # one process: the tensors themselves
     alone = torch.ones(3, 2)
     assert SINGLE.gather_rows(alone) is alone and SINGLE.mine(3) == slice(0, 3)

@@ -322,10 +322,6 @@ class Distributed:
         """This rank's rows of a `gather_rows` result whose ranks had `rows` rows each."""
         return slice(self.rank * rows, (self.rank + 1) * rows)
 
-    def mean(self, values: Sequence[float]) -> list[float]:
-        """Each value averaged over ranks (every rank gets the means); one process: unchanged."""
-        return [total / self.world_size for total in self.sum(values)]
-
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on any: a stop at the same step everywhere."""
         if not self.active:

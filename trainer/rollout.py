@@ -744,7 +744,8 @@ def rollout_metrics(
     lengths = dist.gather_rows(rollout.lengths).float()  # (B,)
     contains_eos = dist.gather_rows(rollout.contains_eos)  # (B,)
     (sequence_tokens,) = dist.sum([rollout.query_response.numel()])
-    (grad_norm,) = dist.mean([sum(grad_norms) / len(grad_norms)])
+    # DDP all-reduces the gradients before they are clipped: every rank has the same norms.
+    grad_norm = sum(grad_norms) / len(grad_norms)
     return {
         "response/length": lengths.mean().item(),
         "response/eos_rate": contains_eos.float().mean().item(),
