@@ -1,10 +1,12 @@
 """PPO and RLOO in 2 data-parallel processes on CPU (gloo), launched through `accelerate
 launch` as the worker launches them: the ranks pool their rollouts' numbers, each samples its
 own half of every batch, the pair raises the reward, stops together at the worker's request
-and resumes to the weights of the uninterrupted 2-process run."""
+and resumes to the weights of the uninterrupted 2-process run; sharded (FSDP2), the pair takes
+the replicated pair's steps and resumes its own sharded checkpoint exactly."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -183,10 +185,67 @@ def test_a_checkpoint_of_another_process_count_gives_each_rank_its_own_stream(tm
     assert torch.equal(draw(1, 2), second)
 
 
-def test_ppo_and_rloo_refuse_to_be_sharded(policy_dir, tmp_path):
-    from trainer.handlers import ConfigError
-    from trainer.ppo import train
+# Enough steps that the stop, asked after the first step's metrics, lands mid-run (an RLOO
+# step of the tiny policy takes some 0.2 s). PPO with LoRA shards the policy (its adapters
+# trained, its base frozen) and the value model; RLOO the policy and the reference.
+@pytest.mark.parametrize(
+    ("target", "settings"),
+    [
+        (
+            "trainer.ppo:train",
+            lambda p: ppo_config(p, total_steps=8, use_lora=True, gradient_checkpointing=True),
+        ),
+        ("trainer.rloo:train", lambda p: rloo_config(p, total_steps=16, micro_batch_size=4)),
+    ],
+    ids=["ppo-lora-checkpointing", "rloo"],
+)
+def test_sharded_processes_follow_the_replicated_run_and_resume_exactly(
+    policy_dir, tmp_path, target, settings
+):
+    """FSDP2 over 2 processes: sampling in lockstep, they take the DDP run's steps (within
+    float rounding: a reduce-scatter adds in another order than an all-reduce, and over many
+    steps of a tiny policy at a learning rate of 1e-2 that drift grows until a sample flips,
+    so the runs are compared over their first steps); stopped mid-run, their checkpoint (the
+    one-process format, gathered from the shards) resumes them, sharded, to the uninterrupted
+    sharded run, number for number."""
+    config = settings(policy_dir)
+    steps = config.total_steps
+    compared = ("reward/raw", "kl/k1", "policy/loss", "train/grad_norm")
+    replicated = _launch(
+        target, replace(config, total_steps=3), tmp_path / "ddp", tmp_path / "launch-ddp"
+    )
+    whole = _launch(target, config, tmp_path / "whole", tmp_path / "launch-whole", sharding="fsdp")
+    assert not whole.stopped and whole.steps == steps
+    for name in compared:
+        assert series(whole.history, name)[:3] == pytest.approx(
+            series(replicated.history, name), rel=1e-4, abs=1e-6
+        ), name
 
-    sharded = Distributed(rank=0, world_size=2, sharding="fsdp")
-    with pytest.raises(ConfigError, match="replicated, not sharded"):
-        train(ppo_config(policy_dir), PROMPTS, tmp_path, reward_fn=says_sunny, dist=sharded)
+    out = tmp_path / "split"
+    seen: list[tuple[int, str, float]] = []
+    stopped = _launch(
+        target,
+        config,
+        out,
+        tmp_path / "launch",
+        sharding="fsdp",
+        on_metric=lambda step, name, value: seen.append((step, name, value)),
+        should_stop=lambda: bool(seen),
+    )
+    assert stopped.stopped and 1 <= stopped.steps < steps, stopped.steps
+    state = torch.load(out / CHECKPOINT_DIR / "state.pt", weights_only=False)
+    models = ["policy", "value"] if "ppo" in target else ["policy"]
+    for name in models:  # whole tensors under the plain model's names, no shards
+        assert state[name] and all(type(t) is torch.Tensor for t in state[name].values())
+        assert not any(key.startswith(("module.", "_fsdp")) for key in state[name])
+    assert set(state["optimizer"]["state"]) <= set(range(len(state["optimizer"]["state"])))
+
+    resumed = _launch(target, config, out, tmp_path / "launch", sharding="fsdp")
+    assert not resumed.stopped and resumed.steps == steps
+    assert [s for s, n, _ in resumed.history if n == "reward/raw"] == list(range(1, steps + 1))
+    for name in compared:
+        assert series(resumed.history, name) == series(whole.history, name), name
+    # the saved policy: plain transformers weights (LoRA merged)
+    resumed_weights, whole_weights = weights(out), weights(tmp_path / "whole")
+    assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
+    assert not (out / CHECKPOINT_DIR).exists()

@@ -37,8 +37,11 @@ and keep the one-process format (the optimizer's states keyed by parameter index
 checkpoint of one process resumes sharded and the other way around. The trainers build the
 optimizer after `wrap`, on the shards, and load a checkpoint into both after it
 (`load_model_state`, `load_optimizer_state`: rank 0's copy is broadcast, each rank keeps its
-shards). accelerate's own FSDP and DeepSpeed configurations are not read: a launch whose
-accelerate configuration asks for one is refused (`init`), not half-applied.
+shards). PPO and RLOO shard several models on one mesh: the trained ones through `wrap`, the
+frozen reference through `shard_frozen`; their checkpoints gather each the same way
+(trainer/rollout.py's RunCheckpoint). accelerate's own FSDP and DeepSpeed configurations are
+not read: a launch whose accelerate configuration asks for one is refused (`init`), not
+half-applied.
 
 One process (`SINGLE`, the default everywhere) makes every helper the identity, so the
 one-process path is the code it always was.
@@ -47,6 +50,7 @@ one-process path is the code it always was.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -161,6 +165,14 @@ class Distributed:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
+    def shard_frozen(self, model: nn.Module | None) -> nn.Module | None:
+        """A frozen model (a reference, no gradients): under FSDP sharded in place like a
+        trained one, so it too holds 1/world_size of its weights on each rank and gathers
+        one block at a time; otherwise (DDP, one process) the replica itself."""
+        if model is None or not self.sharded:
+            return model
+        return shard_model(model, self.device, self.world_size)
+
     def no_sync(self, model: nn.Module, sync: bool) -> Any:
         """Inside it, backward accumulates gradients without the all-reduce: for every
         micro-batch of an optimizer step but the last (`sync=False`). Under FSDP nothing:
@@ -173,15 +185,18 @@ class Distributed:
             return model.no_sync()
         return nullcontext()
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """`nn.utils.clip_grad_norm_` of the model's gradients; its total norm. Under FSDP the
-        norm is taken over every rank's shards (TorchTitan's way), the same number on every
-        rank."""
+    def clip_grad_norm(
+        self, model: nn.Module | Sequence[nn.Parameter], max_norm: float
+    ) -> torch.Tensor:
+        """`nn.utils.clip_grad_norm_` of the gradients of a model (or of a list of parameters,
+        e.g. PPO's policy and value model); their total norm. Under FSDP the norm is taken over
+        every rank's shards (TorchTitan's way), the same number on every rank."""
+        parameters = list(model.parameters() if isinstance(model, nn.Module) else model)
         if not self.sharded:
-            return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            return nn.utils.clip_grad_norm_(parameters, max_norm)
         from torch.distributed.tensor import DTensor
 
-        params = [p for p in model.parameters() if p.grad is not None]
+        params = [p for p in parameters if p.grad is not None]
         total = nn.utils.get_total_norm([p.grad for p in params], 2.0)
         if isinstance(total, DTensor):
             total = total.full_tensor()  # the shards' partial norms, reduced
@@ -383,19 +398,29 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+@functools.cache
+def _mesh(device_type: str, world_size: int) -> Any:
+    """One device mesh for every sharded model of the run: PPO clips its policy's and value
+    model's gradients together, and DTensors combine only on the same mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world_size,))
+
+
 def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
     """FSDP2 on each transformer block, then on the root (the embeddings, final norm and head,
     tied or not, in one group): `model` itself, its parameters now DTensor shards on
-    `device`."""
-    from torch.distributed.device_mesh import init_device_mesh
+    `device`. The root of a peft model is the model inside it: its `generate` calls that
+    model's forward, not the wrapper's, and the root's gather has to run on every call."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (world_size,))
+    mesh = _mesh(device.type, world_size)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh)
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
     # The root too reshards after its forward (by default it keeps its weights gathered for
     # the backward), so evaluation leaves nothing gathered and the optimizer sees the shards.
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    fully_shard(root, mesh=mesh, reshard_after_forward=True)
     return model
 
 

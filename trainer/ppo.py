@@ -31,7 +31,12 @@ models replicated and their gradients averaged (DDP). Step 3 and the metrics are
 batch's: the ranks pool their per-token numbers (`dist.gather_rows`), so GAE, whitening, the
 KL controller and every logged number are the one-process formulas on all B responses. Each
 rank draws its own samples (its own seed), so N processes follow a run of the same batch
-sizes in distribution, not sample for sample.
+sizes in distribution, not sample for sample. Sharded (`dist.sharded`, a job's `"sharding":
+"fsdp"`, for models that do not fit one GPU) the same steps run on FSDP2 shards instead of
+replicas: the policy, the value model and the reference each keep 1/N of their weights per
+rank (the reward model, frozen and only run forward, is replicated), every forward gathers
+them block by block, so generation runs in lockstep over the ranks (`synced_gpus`). The same
+seeds give the same samples and, within float rounding, the same weights as DDP.
 
 The policy and reference loading, sampling, log-probs, reward-model wrapper, checkpoint and
 metrics plumbing are trainer/rollout.py's, shared with RLOO (trainer/rloo.py); the value
@@ -285,6 +290,8 @@ def train(
     value)` gets every metric of every step. `dist`: one of several data-parallel processes
     (see the module's docstring); rank 0 reports, checkpoints and saves."""
     output_dir, device = open_run(config, prompts, output_dir, reward_fn, device, dist)
+    # FSDP: the models are built on the CPU; sharding moves each rank's shards to its device
+    home = torch.device("cpu") if dist.sharded else device
     precision = mixed_precision(config.bf16, device)
     B, fwd = config.rollout_batch_size, config.forward_batch_size
     b = per_rank(B, dist, "rollout_batch_size")  # this rank's responses per step
@@ -307,13 +314,22 @@ def train(
     disable_dropout(value_model)
     if config.gradient_checkpointing:
         enable_checkpointing(value_model)
-    value_model.to(device=device, dtype=torch.float32)
+    value_model.to(device=home, dtype=torch.float32)
     # The policy (fp32 master weights, LoRA or not) and its frozen reference (None with
     # LoRA: the policy with its adapters off); sampling from exactly softmax(logits / T).
-    policy, reference, hub_generation = load_policy(config, device)
+    policy, reference, hub_generation = load_policy(config, home)
     generation = sampling_config(config, tokenizer)
+    # What the PPO epochs run forward and backward: DDP replicas that average the ranks'
+    # gradients, or under FSDP the models themselves sharded in place (one process: the
+    # models). Sampling and scoring call the models; a sharded value model only through its
+    # Forward, the root whose forward gathers the weights outside the blocks.
+    policy_forward = dist.wrap(policy)
+    value_forward = dist.wrap(Forward(value_model, response_values))
+    score_values = value_forward if dist.sharded else Forward(value_model, response_values)
+    reference = dist.shard_frozen(reference)
 
-    # ---- optimizer: one AdamW over policy and value model (TRL's PolicyAndValueWrapper)
+    # ---- optimizer: one AdamW over policy and value model (TRL's PolicyAndValueWrapper),
+    # on the shards under FSDP
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(params, config)
     kl_ctl = kl_controller(config)
@@ -324,8 +340,7 @@ def train(
         output_dir,
         fingerprint(config, prompts),
         dist,
-        policy=policy,
-        value=value_model,
+        models={"policy": policy, "value": value_model},
         optimizer=optimizer,
         scheduler=scheduler,
         kl=kl_ctl,
@@ -333,10 +348,6 @@ def train(
     total = config.total_steps
     seed_ranks(config.seed, dist)  # several processes: each samples its own responses
     done, last_metrics, history = checkpoint.resume(on_progress, total)
-    # What the PPO epochs run forward and backward: DDP replicas that average the ranks'
-    # gradients (one process: the models themselves). Sampling and scoring use the models.
-    policy_forward = dist.wrap(policy)
-    value_forward = dist.wrap(Forward(value_model, response_values))
 
     while done < total:
         if dist.any(should_stop()):
@@ -357,7 +368,7 @@ def train(
         policy.eval()
         value_model.eval()
         with timer.phase("generate"), torch.no_grad(), precision():
-            rollout = generate_rollout(policy, query, query_mask, generation, fwd)
+            rollout = generate_rollout(policy, query, query_mask, generation, fwd, dist)
         query_response, attention = rollout.query_response, rollout.attention  # (b, P + R)
         P, fmask = rollout.context_length, rollout.mask.float()  # fmask (b, R)
 
@@ -368,10 +379,7 @@ def train(
                     policy, reference, rollout, config.temperature, fwd
                 )  # (b, R) each
                 old_values = torch.cat(
-                    [
-                        response_values(value_model, query_response[c], attention[c], P)
-                        for c in chunks(b, fwd)
-                    ]
+                    [score_values(query_response[c], attention[c], P) for c in chunks(b, fwd)]
                 )  # (b, R)
             texts = decode_responses(tokenizer, rollout)
             score, raw_score = score_responses(
@@ -443,7 +451,7 @@ def train(
                             vclip=vf_clip,
                             akl=approx_kl,
                         )
-                    grad_norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    grad_norm = dist.clip_grad_norm(params, config.max_grad_norm)
                     grad_norms.append(float(grad_norm))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

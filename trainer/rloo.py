@@ -32,7 +32,8 @@ One RLOO step, B = prompts_per_step * k responses:
 In several data-parallel processes (`dist`; a job's `"processes": N`) each rank samples,
 scores and trains on 1/N of every step's prompts (all k answers of each) and of every
 minibatch, as PPO does (trainer/ppo.py): the rewards are pooled, so the baselines, the
-whitening, the KL controller and the metrics are those of the global batch.
+whitening, the KL controller and the metrics are those of the global batch. Sharded
+(`"sharding": "fsdp"`) the policy and the reference are FSDP2 shards, as in PPO.
 
 The policy and reference loading, sampling, log-probs, reward-model wrapper, checkpoint and
 metrics plumbing are trainer/rollout.py's, shared with PPO (trainer/ppo.py); nothing here
@@ -48,7 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from trainer.data import Prompt
 from trainer.distributed import SINGLE, Distributed, shard
@@ -180,6 +180,8 @@ def train(
     value)` gets every metric of every step. `dist`: one of several data-parallel processes
     (see the module's docstring); rank 0 reports, checkpoints and saves."""
     output_dir, device = open_run(config, prompts, output_dir, reward_fn, device, dist)
+    # FSDP: the models are built on the CPU; sharding moves each rank's shards to its device
+    home = torch.device("cpu") if dist.sharded else device
     precision = mixed_precision(config.bf16, device)
     N, k, B, fwd = config.prompts_per_step, config.k, config.batch_size, config.forward_batch_size
     n = per_rank(N, dist, "prompts_per_step")  # this rank's prompts per step
@@ -194,10 +196,14 @@ def train(
             config.reward_model, device, normalize=config.normalize_reward
         )
     tokenizer = load_tokenizer(config.policy)
-    policy, reference, hub_generation = load_policy(config, device)
+    policy, reference, hub_generation = load_policy(config, home)
     generation = sampling_config(config, tokenizer)  # softmax(logits / T) with top-p
+    # DDP for the updates, or under FSDP the policy sharded in place (one process: the
+    # policy); the reference sharded too under FSDP
+    policy_forward = dist.wrap(policy)
+    reference = dist.shard_frozen(reference)
 
-    # ---- optimizer, schedule, KL controller
+    # ---- optimizer, schedule, KL controller (on the shards under FSDP)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(params, config)
     kl_ctl = kl_controller(config)
@@ -208,7 +214,7 @@ def train(
         output_dir,
         fingerprint(config, prompts),  # the config's fields but checkpoint_every
         dist,
-        policy=policy,
+        models={"policy": policy},
         optimizer=optimizer,
         scheduler=scheduler,
         kl=kl_ctl,
@@ -216,7 +222,6 @@ def train(
     total = config.total_steps
     seed_ranks(config.seed, dist)  # several processes: each samples its own responses
     done, last_metrics, history = checkpoint.resume(on_progress, total)
-    policy_forward = dist.wrap(policy)  # DDP for the updates (one process: the policy)
 
     while done < total:
         if dist.any(should_stop()):
@@ -239,7 +244,7 @@ def train(
         # ---- 1. rollout: k responses per prompt with the KV cache, stop at EOS
         policy.eval()
         with timer.phase("generate"), torch.no_grad(), precision():
-            rollout = generate_rollout(policy, query, query_mask, generation, fwd)
+            rollout = generate_rollout(policy, query, query_mask, generation, fwd, dist)
         query_response, attention = rollout.query_response, rollout.attention  # (b, P + R)
         P, fmask = rollout.context_length, rollout.mask.float()  # fmask (b, R)
 
@@ -309,7 +314,7 @@ def train(
                         # per token, k3 of the old policy from the new one, as PPO logs it
                         approx_kl = masked_mean(kl_k3(old_logprobs[micro], new_logprobs), m)
                         losses.add(m.sum().item(), akl=approx_kl)
-                    grad_norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    grad_norm = dist.clip_grad_norm(params, config.max_grad_norm)
                     grad_norms.append(float(grad_norm))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

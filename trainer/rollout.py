@@ -38,7 +38,6 @@ from trainer import generate
 from trainer.data import EncodedGroup, Prompt
 from trainer.distributed import SINGLE, Distributed
 from trainer.generate import encode_prompt  # the policy's prompt format, for PPO and RLOO
-from trainer.handlers import ConfigError
 from trainer.modeling import disable_dropout, enable_checkpointing
 from trainer.reward import RewardScorer
 from trainer.rl_math import (
@@ -234,15 +233,11 @@ def open_run(
     dist: Distributed = SINGLE,
 ) -> tuple[Path, torch.device]:
     """(output_dir, device) of a run, the folder made; refuses one with nothing to train on
-    or nothing to reward it, or sharded. One of several processes runs on its rank's device."""
+    or nothing to reward it. One of several processes runs on its rank's device."""
     if not prompts:
         raise ValueError("no prompts")
     if reward_fn is None and config.reward_model is None:
         raise ValueError("give config.reward_model or a reward_fn")
-    if dist.sharded:
-        raise ConfigError(
-            "PPO and RLOO run data-parallel (DDP): their models are replicated, not sharded"
-        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir, dist.device if dist.active else resolve_device(device)
@@ -359,7 +354,8 @@ def apply_lora(policy: nn.Module, config: OnPolicyConfig) -> nn.Module:
 def load_policy(
     config: OnPolicyConfig, device: torch.device
 ) -> tuple[nn.Module, nn.Module | None, Any]:
-    """(policy, reference, the policy's own generation config) on `device`.
+    """(policy, reference, the policy's own generation config) on `device` (under FSDP the
+    CPU: `Distributed.wrap` and `shard_frozen` move each rank's shards to its GPU).
 
     fp32 master weights whatever the checkpoint's dtype; bf16 only inside autocast. The
     reference is a frozen copy run the same way, so KL is exactly 0 before the first update;
@@ -531,14 +527,20 @@ def generate_rollout(
     query_mask: torch.Tensor,
     generation: Any,
     forward_batch_size: int,
+    dist: Distributed = SINGLE,
 ) -> Rollout:
     """One sampled response per row of the left-padded query (B, P), with the KV cache, in
-    chunks of forward_batch_size; the caller holds no_grad and autocast."""
+    chunks of forward_batch_size; the caller holds no_grad and autocast. A sharded policy
+    (FSDP) needs every rank in every forward: a rank whose responses have all ended keeps
+    stepping (`synced_gpus`, drawing nothing) until every rank's have."""
     B, P = query.shape
     pad_id, eos_ids = generation.pad_token_id, generation.eos_token_id
     pieces = [
         policy.generate(
-            input_ids=query[c], attention_mask=query_mask[c], generation_config=generation
+            input_ids=query[c],
+            attention_mask=query_mask[c],
+            generation_config=generation,
+            synced_gpus=dist.sharded,
         )[:, P:]
         for c in chunks(B, forward_batch_size)
     ]
@@ -628,19 +630,36 @@ def fingerprint(config: OnPolicyConfig, prompts: Sequence[Prompt]) -> str:
 
 
 class RunCheckpoint:
-    """output_dir/checkpoint/state.pt: the named parts' state dicts (models, optimizer,
-    scheduler, KL controller), the step, the last metrics, the history and every RNG's state
-    (each process's, in several), so that a resumed run is the uninterrupted one. Every rank
-    saves and resumes (the RNG states are gathered); rank 0 writes. The parts are the plain
-    models (DDP keeps a full replica on every rank), so the format is one process's."""
+    """output_dir/checkpoint/state.pt: the models' weights, the optimizer's moments, the other
+    parts' state dicts (scheduler, KL controller), the step, the last metrics, the history and
+    every RNG's state (each process's, in several), so that a resumed run is the uninterrupted
+    one. Every rank saves and resumes (the RNG states are gathered); rank 0 writes. The states
+    are one process's whatever the mode (DDP keeps a full replica on every rank; FSDP's
+    shards are gathered to rank 0, and broadcast back into each rank's shards on resume), so
+    a checkpoint resumes under another number of processes or with sharding on or off.
+
+    `models`: name -> model (the optimizer's parameters are theirs, in this order); under
+    FSDP the models are sharded and the optimizer built on the shards before `resume`."""
 
     def __init__(
-        self, output_dir: Path, fingerprint: str, dist: Distributed = SINGLE, **parts: Any
+        self,
+        output_dir: Path,
+        fingerprint: str,
+        dist: Distributed = SINGLE,
+        *,
+        models: dict[str, nn.Module] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        **parts: Any,
     ) -> None:
         self.folder = output_dir / CHECKPOINT_DIR
         self.path = self.folder / "state.pt"
         self.fingerprint = fingerprint
         self.dist = dist
+        self.models = models or {}
+        # The optimizer's states are keyed by the parameters' names in this module (FSDP's
+        # helpers name them; the format keeps one process's parameter indices).
+        self.owner = nn.ModuleDict(self.models)
+        self.optimizer = optimizer
         self.parts = parts
 
     def resume(
@@ -652,6 +671,10 @@ class RunCheckpoint:
         state = load_checkpoint(self.path, self.fingerprint)
         if state is None:
             return 0, {}, []
+        for name, model in self.models.items():
+            self.dist.load_model_state(model, state[name])
+        if self.optimizer is not None:
+            self.dist.load_optimizer_state(self.owner, self.optimizer, state["optimizer"])
         for name, part in self.parts.items():
             part.load_state_dict(state[name])
         saved = state["rng"]
@@ -668,12 +691,17 @@ class RunCheckpoint:
     def save(
         self, step: int, metrics: dict[str, float], history: list[tuple[int, str, float]]
     ) -> None:
+        # every rank: under FSDP each state is gathered to rank 0
+        weights = {name: self.dist.model_state(model) for name, model in self.models.items()}
+        if self.optimizer is not None:
+            weights["optimizer"] = self.dist.optimizer_state(self.owner, self.optimizer)
         rngs = self.dist.rng_states()  # every rank's, gathered by all of them
         save_on_main(
             self.dist,
             self.path,
             lambda: {
                 "fingerprint": self.fingerprint,
+                **weights,
                 **{name: part.state_dict() for name, part in self.parts.items()},
                 "step": step,
                 "metrics": metrics,
@@ -795,7 +823,12 @@ def finish_run(
 ) -> None:
     """The end of a finished PPO or RLOO run: the policy saved (`save_policy`) with its
     config, last metrics, steps and KL controller in `meta_file`; the resumable checkpoint
-    removed. In several processes rank 0 saves and the others wait for it."""
+    removed. In several processes rank 0 saves and the others wait for it; under FSDP the
+    weights are gathered to rank 0 first, into a plain copy of the policy on its CPU."""
+    if dist.sharded:
+        weights = dist.model_state(policy)  # every rank takes part; rank 0 gets them
+        if dist.is_main:
+            policy = plain_policy(config, weights)
     meta = {
         "format": f"prefloop-{algorithm}/1",
         "config": asdict(config),
@@ -817,6 +850,18 @@ def finish_run(
             )
             checkpoint.remove()
     on_progress(1.0, "done")
+
+
+def plain_policy(config: OnPolicyConfig, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The policy rebuilt on the CPU (LoRA adapters included) with a sharded run's gathered
+    `weights`: merging adapters and `save_pretrained` need whole weights, not shards."""
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(config.policy, dtype=torch.float32)
+    if config.use_lora:
+        policy = apply_lora(policy, config)
+    policy.load_state_dict(weights)
+    return policy
 
 
 def save_policy(
