@@ -57,8 +57,12 @@ def test_each_process_takes_an_equal_share_of_every_batch():
         parse_ppo_spec({**base, "processes": 8, "training": two | {"rollout_batch_size": 16}})
     with pytest.raises(SpecError, match="processes"):
         parse_ppo_spec({**base, "processes": 0})
-    with pytest.raises(SpecError, match="sharding"):  # PPO replicates its models (DDP)
-        parse_ppo_spec({**base, "processes": 2, "sharding": "fsdp"})
+    sharded = parse_ppo_spec({**base, "processes": 2, "sharding": "fsdp", "training": two})
+    assert sharded.sharding == "fsdp" and parse_ppo_spec(base).sharding == "none"
+    with pytest.raises(SpecError, match="needs processes >= 2"):
+        parse_ppo_spec({**base, "sharding": "fsdp"})
+    with pytest.raises(SpecError, match="sharding"):
+        parse_ppo_spec({**base, "processes": 2, "sharding": "zero3", "training": two})
 
 
 def steps(values: list[float]) -> list[tuple[int, float]]:
@@ -160,6 +164,7 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
             "kl_budget": "3",
             "value_init": "policy",
             "processes": "2",
+            "sharding": "fsdp",
         },
         headers=auth,
         follow_redirects=False,
@@ -172,8 +177,13 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
         assert queued.config["training"]["adaptive_kl"] is True and queued.config["kl_budget"] == 3
         assert queued.config["training"]["value_init"] == "policy"
         assert queued.config["processes"] == 2 and queued.processes == 2
+        assert queued.config["sharding"] == "fsdp"
+    assert '<option value="fsdp"' in form.text
     page = client.get(good.headers["location"], headers=auth)
-    assert "2, data-parallel, one per GPU: only a worker that sees 2 GPUs claims it" in page.text
+    assert (
+        "2, data-parallel, one per GPU, the models sharded over them (FSDP2): only a worker "
+        "that sees 2 GPUs claims it" in page.text
+    )
 
     # one click: the new policy samples completions for its campaign
     made = client.post(f"/models/{model['id']}/generate", headers=auth, follow_redirects=False)
@@ -188,18 +198,21 @@ def test_a_ppo_job_makes_a_new_policy_version(live):
 # PostgreSQL only: the processes never touch the database (the test above runs the same job
 # in one process on both backends), and a launch costs some 10 s of the suite.
 @pytest.mark.postgres_only
-def test_a_two_process_ppo_job_scores_with_its_reward_model_in_each(live):
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_a_two_process_ppo_job_scores_with_its_reward_model_in_each(live, sharding):
     """Through the worker: `processes: 2` launches 2 ranks, each loading the registered
-    reward model and sampling half of every batch; the job gets rank 0's global metrics and
-    the new policy version."""
+    reward model and sampling half of every batch, the policy, value model and reference
+    replicated (DDP) or sharded (FSDP2); the job gets rank 0's global metrics and the new
+    policy version."""
     database, settings = live
-    registered = register_models(database, settings, "ppo2", reward_std=1.0)
+    registered = register_models(database, settings, f"ppo2-{sharding}", reward_std=1.0)
     client = TestClient(create_app(settings, database))
     config = {
         "policy_id": registered.base_id,
         "reward_model_id": registered.rm_id,
-        "campaigns": ["ppo2-live"],
+        "campaigns": [f"ppo2-{sharding}-live"],
         "processes": 2,
+        "sharding": sharding,
         "training": TINY_PPO_TRAINING,
     }
     created = client.post(
@@ -216,6 +229,7 @@ def test_a_two_process_ppo_job_scores_with_its_reward_model_in_each(live):
     [model] = job["models"]
     assert model["algorithm"] == "ppo" and model["parent_id"] == registered.base_id
     assert model["metrics"]["training"]["processes"] == 2
+    assert model["metrics"]["training"]["sharding"] == sharding
     series = client.get(f"/api/v1/jobs/{job_id}/metrics", headers=registered.auth).json()["series"]
     assert [step for step, _ in series["reward/raw"]] == [1, 2]
     # the global batch: 4 responses of 1 to 4 tokens each

@@ -152,9 +152,9 @@ def test_an_rloo_job_makes_a_new_policy_version(live, monkeypatch):
         assert unknown.exit_code == 1 and "--policy: no model version 'nope'" in unknown.output
         uneven = runner.invoke(app.cli.cli, [*args, "--campaign", "rloo-live", "--processes", "3"])
         assert uneven.exit_code == 2 and "prompts_per_step (16) must be a multiple" in uneven.output
+        scale = ["--processes", "2", "--sharding", "fsdp"]
         queued_cli = runner.invoke(
-            app.cli.cli,
-            [*args, "--campaign", "rloo-live", "--k", "5", "--steps", "2", "--processes", "2"],
+            app.cli.cli, [*args, "--campaign", "rloo-live", "--k", "5", "--steps", "2", *scale]
         )
         assert queued_cli.exit_code == 0, queued_cli.output
         assert "(rloo, k=5, on rloo-live)" in queued_cli.output
@@ -164,4 +164,4 @@ def test_an_rloo_job_makes_a_new_policy_version(live, monkeypatch):
         newest = db.get_one(Job, int(queued_cli.output.split()[2]))
         assert newest.kind == "rloo" and newest.config["policy_id"] == base_id
         assert newest.config["training"]["k"] == 5 and newest.config["training"]["total_steps"] == 2
-        assert newest.processes == 2
+        assert newest.processes == 2 and newest.config["sharding"] == "fsdp"

@@ -6,7 +6,8 @@ campaigns' prompts, and becomes a new policy version.
    checkpoint folder; later attempts resume on exactly that list.
 2. `trainer.ppo.train` in the checkpoint folder, which every attempt shares: a stopped or
    killed worker's job resumes from the last checkpoint (every `checkpoint_every` steps). In
-   the worker's process, or in `processes` data-parallel ones (trainer/launch.py).
+   the worker's process, or in `processes` data-parallel ones (trainer/launch.py), their
+   models replicated (DDP) or with `"sharding": "fsdp"` sharded (FSDP2).
 3. The policy moves to `PREFLOOP_DATA_DIR/models/ppo-<job>-<attempt>` and a
    `ModelVersion(kind=policy, algorithm=ppo, parent=the starting policy)` is recorded with the
    fenced success.
@@ -143,15 +144,17 @@ def train_policy(
     ctx: Any, spec: PolicyJobSpec, train: Callable[..., Any], config: Any, job: JobInputs
 ) -> Any:
     """`train(config, prompts, work_dir)` (trainer.ppo.train, trainer.rloo.train) in the
-    worker's process or in `spec.processes` data-parallel ones, with the job's device,
-    metrics, progress (the last 2% is for publishing) and stop request. A run that stopped
-    raises JobStopped, for the worker to requeue or cancel the job."""
+    worker's process or in `spec.processes` data-parallel ones (`spec.sharding` "fsdp": the
+    models sharded over them), with the job's device, metrics, progress (the last 2% is for
+    publishing) and stop request. A run that stopped raises JobStopped, for the worker to
+    requeue or cancel the job."""
     return train_in_job(
         ctx,
         train,
         spec.processes,
         (config, job.prompts, job.work_dir),
         on_progress=lambda fraction, message: ctx.report(0.98 * fraction, message),
+        sharding=spec.sharding,
     )
 
 
@@ -167,6 +170,7 @@ def publish_policy(
             "reward_model_id": spec.reward_model_id,
             "campaigns": spec.campaigns,
             "processes": spec.processes,
+            "sharding": spec.sharding,
         },
         "data": {"prompts": len(job.prompts)},
         "eval": finite(result.metrics),

@@ -9,9 +9,9 @@ job's `run` uses it:
 3. `trainer_config`: the trainer's config from the spec's training options (the same names; a
    test in each job's tests holds the two equal).
 4. `train_in_job`: the trainer in the worker's process, or in `spec.processes` data-parallel
-   ones (trainer/launch.py; the same result; the sft and dpo jobs' `spec.sharding` "fsdp"
-   shards the model over them), with the job's metrics, progress and stop
-   request; a run that stopped hands the job back to the worker (JobStopped).
+   ones (trainer/launch.py; the same result; the sft, dpo, ppo and rloo jobs' `spec.sharding`
+   "fsdp" shards the models over them), with the job's metrics, progress and stop request; a
+   run that stopped hands the job back to the worker (JobStopped).
 5. `publish_version`: the finished folder becomes a model version with the job's success
    (trainer/model_versions.py)."""
 

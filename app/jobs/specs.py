@@ -64,7 +64,7 @@ Sharding = Annotated[
     Literal["none", "fsdp"],
     Field(
         description="fsdp: shard the weights, gradients and optimizer states over the processes "
-        "(PyTorch FSDP2), for a policy that does not fit one GPU; needs processes >= 2."
+        "(PyTorch FSDP2), for models that do not fit one GPU; needs processes >= 2."
     ),
 ]
 
@@ -206,7 +206,7 @@ class RewardJobSpec(RewardFilters):
 
 
 def check_sharding(spec: Any) -> Any:
-    """A sharded job needs several processes to shard over (the SFT and DPO specs' check)."""
+    """A sharded job needs several processes to shard over (every spec with `sharding`)."""
     if spec.sharding != "none" and spec.processes < 2:
         raise ValueError(
             f"sharding {spec.sharding!r} needs processes >= 2 (it splits the model over them)"
@@ -457,7 +457,10 @@ class OnPolicyJobSpec(BaseModel):
     )
     name: str | None = Field(None, max_length=200)
     processes: Processes = 1
+    sharding: Sharding = "none"
     training: OnPolicyTraining
+
+    _sharding_needs_processes = model_validator(mode="after")(check_sharding)
 
     @model_validator(mode="after")
     def _batches_split_over_processes(self) -> OnPolicyJobSpec:

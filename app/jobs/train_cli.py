@@ -300,6 +300,7 @@ def train_ppo(
     checkpoint_every: CheckpointEvery = 10,
     seed: Seed = 42,
     processes: Processes = 1,
+    sharding: Sharding = "none",
     priority: Priority = 0,
 ) -> None:
     """Queue PPO: optimise a policy version against a reward model version; a worker runs it."""
@@ -337,6 +338,7 @@ def train_rloo(
     checkpoint_every: CheckpointEvery = 10,
     seed: Seed = 42,
     processes: Processes = 1,
+    sharding: Sharding = "none",
     priority: Priority = 0,
 ) -> None:
     """Queue RLOO: optimise a policy version against a reward model version with k samples

@@ -129,6 +129,7 @@ ONLINE_RL_INPUTS = (
     "kl_budget",
     "max_prompts",
     "processes",
+    "sharding",
 )
 
 
