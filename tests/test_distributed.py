@@ -1,7 +1,7 @@
 """Data-parallel training (trainer/distributed.py, trainer/launch.py): the sharding math on
 hand-made tensors, and real 2-process runs on CPU (gloo), launched through `accelerate launch`
 as the worker launches them, that follow the one-process loss curve to the same weights: the
-reward model, SFT and DPO."""
+reward model, SFT and DPO, replicated (DDP) or sharded (FSDP2)."""
 
 from __future__ import annotations
 
@@ -409,18 +409,14 @@ def test_fsdp_shards_each_decoder_layer_and_is_asked_for_by_the_spec(two_layer_p
         parse_sft_spec({**base, "sharding": "fsdp"})
     with pytest.raises(SpecError, match="sharding"):
         parse_dpo_spec({**base, "processes": 2, "sharding": "deepspeed"})
-    with pytest.raises(SpecError, match="sharding"):  # the reward trainer runs DDP only
-        parse_reward_spec(
-            {"backbone": "/m", "campaigns": ["x"], "processes": 2, "sharding": "fsdp"}
-        )
+    reward = {"backbone": "/m", "campaigns": ["x"]}
+    assert parse_reward_spec({**reward, "processes": 2, "sharding": "fsdp"}).sharding == "fsdp"
+    with pytest.raises(SpecError, match="processes >= 2"):
+        parse_reward_spec({**reward, "sharding": "fsdp"})
     with pytest.raises(ValueError, match="sharding"):
         launch(
             "trainer.sft:train", (), {}, processes=2, device="cpu", run_dir=tmp_path, sharding="z3"
         )
-    with pytest.raises(ValueError, match="not sharded"):
-        from trainer.reward import train
-
-        train(None, [], [], tmp_path, dist=Distributed(0, 2, sharding="fsdp"))
 
 
 def test_fsdp_sft_follows_the_one_process_curve_and_its_checkpoint_resumes_in_one(
@@ -512,3 +508,95 @@ def test_fsdp_dpo_resumes_a_one_process_checkpoint_to_the_one_process_weights(
     assert saved.config.architectures == ["LlamaForCausalLM"]
     _assert_same_weights(saved.state_dict(), _weights(tmp_path / "straight"))
     assert not (out / CHECKPOINT_DIR).exists()
+
+
+def test_fsdp_reward_training_follows_the_one_process_curve_and_resumes_in_one(tmp_path):
+    """2 FSDP processes train a reward model (the last-token pooling, which calls the body and
+    the head apart, runs inside the sharded root), stopped by the worker after their first
+    logged step: they follow the one-process curve, evaluation and gold accuracy included
+    (both ranks run it); the checkpoint rank 0 gathered has the one-process format and
+    resumes in one process to the uninterrupted run's weights and normalization."""
+    from transformers import AutoModelForSequenceClassification
+
+    from trainer.reward import train
+
+    backbone = tmp_path / "backbone"
+    tokenizer = tokenizer_for(reward_vocabulary())
+    reward_model(tokenizer).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    # 45 judgments, global batches of 8: rank 1 runs a stand-in in each epoch's last one
+    settings = reward_config(
+        backbone, epochs=6, batch_size=8, logging_steps=1, eval_every=3, ties="half"
+    )
+    data, gold = TRAIN[:45], {"gold_groups": HELD_OUT[:10]}
+    straight = train(settings, data, HELD_OUT, tmp_path / "straight", **gold)
+    assert straight.steps == 36  # 6 batches per epoch
+
+    out = tmp_path / "run"
+    seen: list[tuple[int, str, float]] = []
+    stopped = launch(
+        "trainer.reward:train",
+        (settings, data, HELD_OUT, out),
+        gold,
+        processes=2,
+        device="cpu",
+        run_dir=tmp_path / "launch",
+        on_metric=lambda step, name, value: seen.append((step, name, value)),
+        should_stop=lambda: any(name == "train/loss" for _, name, _ in seen),
+        sharding="fsdp",
+    )
+    assert stopped.stopped and 1 <= stopped.steps < 36, stopped.steps
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    plain = AutoModelForSequenceClassification.from_pretrained(backbone).state_dict()
+    assert state["model"].keys() == plain.keys()
+    assert sorted(state["optimizer"]["state"]) == list(range(len(state["model"])))
+    for name in ("train/loss", "train/grad_norm", "eval/loss", "gold/accuracy"):
+        want = [e for e in straight.history if e[0] <= stopped.steps]
+        _assert_same_curve(stopped.history, want, name)
+
+    resumed = train(settings, data, HELD_OUT, out, **gold)
+    assert not resumed.stopped and resumed.steps == 36
+    assert resumed.normalization["mean"] == pytest.approx(
+        straight.normalization["mean"], rel=1e-4, abs=1e-5
+    )
+    _assert_same_weights(
+        AutoModelForSequenceClassification.from_pretrained(out).state_dict(),
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "straight").state_dict(),
+    )
+
+
+def test_an_fsdp_reward_run_saves_the_model_and_its_normalization(tmp_path):
+    """A whole sharded run: every rank scores the normalization sample, rank 0 saves a plain
+    copy of the gathered weights; both match one process's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from trainer.reward import train
+
+    backbone = tmp_path / "backbone"
+    tokenizer = tokenizer_for(reward_vocabulary())
+    reward_model(tokenizer).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    settings = reward_config(backbone, epochs=2, batch_size=8, logging_steps=1)
+    data = TRAIN[:45]
+    straight = train(settings, data, HELD_OUT, tmp_path / "straight")
+    sharded = launch(
+        "trainer.reward:train",
+        (settings, data, HELD_OUT, tmp_path / "run"),
+        {},
+        processes=2,
+        device="cpu",
+        run_dir=tmp_path / "launch",
+        sharding="fsdp",
+    )
+    assert not sharded.stopped and sharded.steps == straight.steps == 12
+    for key in ("mean", "std"):
+        assert sharded.normalization[key] == pytest.approx(
+            straight.normalization[key], rel=1e-4, abs=1e-5
+        ), key
+    assert sharded.normalization["count"] == straight.normalization["count"] > 0
+    assert sharded.metrics["eval_accuracy"] == pytest.approx(straight.metrics["eval_accuracy"])
+    _assert_same_weights(
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "run").state_dict(),
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "straight").state_dict(),
+    )
+    assert not (tmp_path / "run" / "checkpoint").exists()

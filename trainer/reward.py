@@ -179,8 +179,12 @@ def _group_rewards(
     device: torch.device,
     bf16: bool,
     batch_size: int,
+    forward: nn.Module | None = None,
 ) -> list[torch.Tensor]:
-    """Rewards (K,) of each group, in input order; batches sorted by length for speed."""
+    """Rewards (K,) of each group, in input order; batches sorted by length for speed.
+    `forward`: the FSDP root around `model` (`Forward(model, compute_rewards)`), whose
+    forward gathers the weights outside the blocks; every rank calls it on the same
+    batches."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(groups)), key=lambda i: groups[i].length)
@@ -188,7 +192,11 @@ def _group_rewards(
     for chunk in _chunks(order, batch_size):
         batch = collate([groups[i] for i in chunk], pad_token_id).to(device)
         with autocast(device, bf16):
-            rewards = compute_rewards(model, batch.input_ids, batch.attention_mask).cpu()
+            if forward is None:
+                rewards = compute_rewards(model, batch.input_ids, batch.attention_mask)
+            else:
+                rewards = forward(batch.input_ids, batch.attention_mask)
+            rewards = rewards.cpu()
         for i, part in zip(
             chunk, rewards.split([len(groups[i].ranks) for i in chunk]), strict=True
         ):
@@ -306,9 +314,11 @@ def _normalization(
     pad_token_id: int,
     device: torch.device,
     bf16: bool,
+    forward: nn.Module | None = None,
 ) -> dict[str, float]:
     """Mean and std of the reward over (a seeded sample of) the training completions, so a
-    policy trainer can whiten rewards (Ziegler et al., 2019 normalise the same way)."""
+    policy trainer can whiten rewards (Ziegler et al., 2019 normalise the same way).
+    `forward`: as `_group_rewards`'s."""
     order = list(range(len(groups)))
     random.Random(config.seed).shuffle(order)  # noqa: S311 - a sample, not secrets
     sample, count = [], 0
@@ -320,7 +330,7 @@ def _normalization(
     if not sample:
         return {"mean": 0.0, "std": 1.0, "count": 0}
     flat = torch.cat(
-        _group_rewards(model, sample, pad_token_id, device, bf16, config.eval_batch_size)
+        _group_rewards(model, sample, pad_token_id, device, bf16, config.eval_batch_size, forward)
     )
     std = flat.std().item() if len(flat) > 1 else 1.0
     return {"mean": flat.mean().item(), "std": std, "count": len(flat)}
@@ -349,12 +359,10 @@ def train(
 
     `dist` (trainer/distributed.py): one of several data-parallel processes. Each takes its
     slice of every global batch of `batch_size` judgments, so the run follows the one-process
-    loss curve; rank 0 evaluates, checkpoints and saves."""
-    if dist.sharded:
-        raise ValueError(
-            "the reward trainer runs data-parallel (DDP) only, not sharded (FSDP): its "
-            "last-token pooling bypasses the model's forward; train it with sharding 'none'"
-        )
+    loss curve; rank 0 evaluates, checkpoints and saves. Sharded (`dist.sharded`, FSDP2, for
+    a reward model too big for one GPU) the root of the sharding is the scoring function's
+    module (`Forward(model, compute_rewards)`), since the last-token pooling calls the body
+    and the head apart; every rank evaluates (the same batches), rank 0 reports and saves."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = dist.device if dist.active else resolve_device(device)
@@ -376,8 +384,9 @@ def train(
         disable_dropout(model)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
-    # fp32 master weights whatever the checkpoint's dtype; bf16 only inside autocast.
-    model.to(device=device, dtype=torch.float32)
+    # fp32 master weights whatever the checkpoint's dtype; bf16 only inside autocast. FSDP:
+    # on the CPU until `wrap` moves each rank's shards to its device.
+    model.to(device=torch.device("cpu") if dist.sharded else device, dtype=torch.float32)
     pad_id = tokenizer.pad_token_id
 
     # ---- data: tokenised once; every batch is padded only to its own longest sequence
@@ -397,7 +406,13 @@ def train(
     steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accumulation_steps)
     total_steps = steps_per_epoch * config.epochs
 
-    # ---- optimizer: AdamW, linear warmup then linear decay to 0
+    # The forward that backpropagates: under DDP through its wrapper (which also makes every
+    # rank start from rank 0's weights), under FSDP the same module sharded in place; one
+    # process: compute_rewards(model, ...) as is.
+    forward = dist.wrap(Forward(model, compute_rewards))
+    scoring = forward if dist.sharded else None  # evaluation's forward (see _group_rewards)
+
+    # ---- optimizer: AdamW, linear warmup then linear decay to 0 (on the shards under FSDP)
     optimizer, scheduler = adamw_with_schedule(model, config, total_steps, "linear")
 
     # ---- resume from a checkpoint of the same run, if there is one
@@ -408,26 +423,25 @@ def train(
     last_eval: dict[str, float] = {}
     state = load_checkpoint(checkpoint, fingerprint)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        dist.load_model_state(model, state["model"])
+        dist.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         done, totals, last_eval = state["step"], state["totals"], state["last_eval"]
         dist.restore_rng(state["rng"])
         on_progress(done / total_steps, f"resumed at step {done}/{total_steps}")
     resumed_from = done
-    # The forward that backpropagates: under DDP through its wrapper (which also makes every
-    # rank start from rank 0's weights); one process: compute_rewards(model, ...) as is.
-    forward = dist.wrap(Forward(model, compute_rewards))
 
     def save_checkpoint() -> None:
+        # every rank: under FSDP the full states are gathered to rank 0
+        weights, moments = dist.model_state(model), dist.optimizer_state(model, optimizer)
         rngs = dist.rng_states()  # every rank's, gathered by all of them
         save_on_main(
             dist,
             checkpoint,
             lambda: {
                 "fingerprint": fingerprint,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": weights,
+                "optimizer": moments,
                 "scheduler": scheduler.state_dict(),
                 "step": done,
                 "totals": totals,
@@ -437,14 +451,16 @@ def train(
         )
 
     def run_eval(step: int) -> dict[str, float]:
-        rewards = _group_rewards(model, eval_data, pad_id, device, bf16, config.eval_batch_size)
+        rewards = _group_rewards(
+            model, eval_data, pad_id, device, bf16, config.eval_batch_size, scoring
+        )
         metrics = _pair_metrics(eval_data, rewards, config.ties)
         for name in ("accuracy", "ece", "loss"):
             if not math.isnan(metrics[name]):  # no held-out pairs: nothing to chart
                 emit(step, f"eval/{name}", metrics[name])
         if gold_data:
             gold_rewards = _group_rewards(
-                model, gold_data, pad_id, device, bf16, config.eval_batch_size
+                model, gold_data, pad_id, device, bf16, config.eval_batch_size, scoring
             )
             metrics["gold_accuracy"] = _pair_metrics(gold_data, gold_rewards, "skip")["accuracy"]
             emit(step, "gold/accuracy", metrics["gold_accuracy"])
@@ -529,7 +545,7 @@ def train(
             window["strict"] += int(strict_pairs)
             totals["pairs"] += int(trained_pairs)
             totals["tokens"] += int(tokens)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            grad_norm = dist.clip_grad_norm(model, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -553,19 +569,27 @@ def train(
             on_progress(
                 done / total_steps, f"epoch {epoch + 1}/{config.epochs}, step {done}/{total_steps}"
             )
-            if config.evaluates_within_epoch_at(done, steps_per_epoch) and dist.is_main:
+            if config.evaluates_within_epoch_at(done, steps_per_epoch) and dist.evaluates:
                 last_eval = run_eval(done)
             if config.checkpoints_at(done, total_steps):
                 save_checkpoint()
         # not already evaluated before a stop
-        if (epoch + 1) * steps_per_epoch > resumed_from and dist.is_main:
+        if (epoch + 1) * steps_per_epoch > resumed_from and dist.evaluates:
             last_eval = run_eval(done)
 
     # ---- finish (rank 0): stats for reward whitening, the model in plain transformers format
+    # (FSDP: every rank scores the sample and gathers the weights; rank 0 saves a plain copy)
+    if dist.sharded:
+        normalization = _normalization(model, train_data, config, pad_id, device, bf16, forward)
+        weights = dist.model_state(model)
     if not dist.is_main:
         dist.barrier()  # until rank 0 has saved
         return RewardResult(str(output_dir), {}, {}, steps=done, total_steps=total_steps)
-    normalization = _normalization(model, train_data, config, pad_id, device, bf16)
+    if dist.sharded:
+        model, _ = load_reward_model(config.model_name_or_path)  # on the CPU, for its weights
+        model.load_state_dict(weights)
+    else:
+        normalization = _normalization(model, train_data, config, pad_id, device, bf16)
     metrics: dict[str, float] = {
         "eval_accuracy": last_eval.get("accuracy", float("nan")),
         "eval_ece": last_eval.get("ece", float("nan")),
