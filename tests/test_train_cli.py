@@ -60,6 +60,9 @@ def test_train_then_evaluate_a_reward_model_from_the_command_line(
     )
     assert bad.returncode == 2 and "training.learning_rate" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    reward = ("train", "reward", "--campaign", "cli-reward", "--backbone", backbone)
+    unsharded = run_cli(*reward, "--sharding", "fsdp", env=env, cwd=tmp_path)
+    assert unsharded.returncode == 2 and "needs processes >= 2" in unsharded.stderr
 
     queued = run_cli(
         "train",

@@ -270,7 +270,8 @@ def run(ctx: Any) -> dict[str, Any]:
     def on_progress(fraction: float, message: str) -> None:
         ctx.report(0.02 + 0.93 * fraction, message)
 
-    # one process, or N data-parallel ones (trainer/launch.py) with the same result
+    # one process, or N data-parallel ones (trainer/launch.py) with the same result, the
+    # model replicated (DDP) or sharded (FSDP2)
     result = train_in_job(
         ctx,
         train,
@@ -278,6 +279,7 @@ def run(ctx: Any) -> dict[str, Any]:
         (config, data.train, data.eval, work_dir),
         {"gold_groups": data.gold or None, "noise_ceiling": data.noise_ceiling},
         on_progress=on_progress,
+        sharding=spec.sharding,
     )
     ctx.report(0.96, "scoring held-out tasks")
     task_scores = score_tasks(work_dir, data.eval_tasks, ctx.device)

@@ -168,6 +168,15 @@ RewardFilters = export_filters(
 )
 
 
+def check_sharding(spec: Any) -> Any:
+    """A sharded job needs several processes to shard over (every spec with `sharding`)."""
+    if spec.sharding != "none" and spec.processes < 2:
+        raise ValueError(
+            f"sharding {spec.sharding!r} needs processes >= 2 (it splits the model over them)"
+        )
+    return spec
+
+
 class RewardJobSpec(RewardFilters):
     """A `train_reward` job: which data (the export filters), which backbone, how to train."""
 
@@ -191,7 +200,10 @@ class RewardJobSpec(RewardFilters):
         "of a fresh head on the backbone; the new version is its child.",
     )
     processes: Processes = 1
+    sharding: Sharding = "none"
     training: RewardTraining = Field(default_factory=RewardTraining)
+
+    _sharding_needs_processes = model_validator(mode="after")(check_sharding)
 
     @model_validator(mode="after")
     def _backbone_or_warm_start(self) -> RewardJobSpec:
@@ -203,15 +215,6 @@ class RewardJobSpec(RewardFilters):
         """The rankings export the job reads its judgments from (stable pseudonyms, so the
         quality report's labeler weights can be joined to them)."""
         return self.export_with(format="rankings", ties="margin0", dedupe=False)
-
-
-def check_sharding(spec: Any) -> Any:
-    """A sharded job needs several processes to shard over (every spec with `sharding`)."""
-    if spec.sharding != "none" and spec.processes < 2:
-        raise ValueError(
-            f"sharding {spec.sharding!r} needs processes >= 2 (it splits the model over them)"
-        )
-    return spec
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -263,6 +263,7 @@ def train_reward(
     ] = False,
     seed: TrainingSeed = 42,
     processes: Processes = 1,
+    sharding: Sharding = "none",
     priority: Priority = 0,
 ) -> None:
     """Queue a reward model trained on the campaigns' current judgments; a worker runs it."""

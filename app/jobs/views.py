@@ -359,7 +359,7 @@ REWARD_FORM = JobForm(
         MAX_TOKENS,
         SEED,
     ),
-    top=("backbone", "init_model_id", "labeler_weights", "name", "processes"),
+    top=("backbone", "init_model_id", "labeler_weights", "name", "processes", "sharding"),
     training=("ties",),
     top_checks=("include_excluded",),
     training_checks=("use_margin",),
