@@ -60,6 +60,52 @@ def test_the_ranks_pool_their_rows_padded_to_the_widest(tmp_path):
     assert SINGLE.gather_rows(alone) is alone and SINGLE.mine(3) == slice(0, 3)
 
 
+def sharded_scores(
+    model_dir: str,
+    prompts: list[str],
+    responses: list[str],
+    *,
+    dist: Distributed,
+    on_metric: Any,
+    on_progress: Any,
+    should_stop: Any,
+) -> torch.Tensor:
+    """Each rank scores every world_size-th response through the sharded reward model (in
+    batches of 2, so each rank runs several forwards); rank 0 returns them all, rank by
+    rank."""
+    from trainer.rollout import reward_model_function
+
+    reward = reward_model_function(model_dir, dist=dist)
+    reward.batch_size = 2
+    scores = reward(prompts[dist.rank :: 2], responses[dist.rank :: 2])  # (b,)
+    return dist.gather_rows(scores)
+
+
+def test_a_sharded_reward_model_scores_as_one_process(tmp_path):
+    """PPO and RLOO under FSDP score each rank's responses through the reward model sharded
+    over the ranks: the same normalized scores as the whole model in one process."""
+    from tests.rl_jobs import save_models
+    from trainer.rollout import reward_model_function
+
+    save_models(tmp_path, reward_std=2.0)
+    model_dir = str(tmp_path / "models" / "rm")
+    prompts = [f"tell me about the weather {n}" for n in range(8)]
+    responses = ["sunny", "rain cold", "wind", "sunny sunny", "cloud", "cold", "the", "rain"]
+    got = launch(
+        "tests.test_distributed_rl:sharded_scores",
+        (model_dir, prompts, responses),
+        {},
+        processes=2,
+        device="cpu",
+        run_dir=tmp_path / "launch",
+        sharding="fsdp",
+    )
+    alone = reward_model_function(model_dir)(prompts, responses)  # (8,)
+    order = [*range(0, 8, 2), *range(1, 8, 2)]  # rank 0's rows, then rank 1's
+    torch.testing.assert_close(got, alone[order], atol=1e-5, rtol=1e-5)
+    assert alone.std() > 0  # the responses are told apart
+
+
 def test_every_global_batch_splits_evenly_over_the_processes():
     assert per_rank(8, Distributed(rank=1, world_size=2), "rollout_batch_size") == 4
     assert per_rank(8, SINGLE, "rollout_batch_size") == 8

@@ -33,10 +33,10 @@ KL controller and every logged number are the one-process formulas on all B resp
 rank draws its own samples (its own seed), so N processes follow a run of the same batch
 sizes in distribution, not sample for sample. Sharded (`dist.sharded`, a job's `"sharding":
 "fsdp"`, for models that do not fit one GPU) the same steps run on FSDP2 shards instead of
-replicas: the policy, the value model and the reference each keep 1/N of their weights per
-rank (the reward model, frozen and only run forward, is replicated), every forward gathers
-them block by block, so generation runs in lockstep over the ranks (`synced_gpus`). The same
-seeds give the same samples and, within float rounding, the same weights as DDP.
+replicas: the policy, the value model, the reference and the reward model each keep 1/N of
+their weights per rank, every forward gathers them block by block, so generation runs in
+lockstep over the ranks (`synced_gpus`). The same seeds give the same samples and, within
+float rounding, the same weights as DDP.
 
 The policy and reference loading, sampling, log-probs, reward-model wrapper, checkpoint and
 metrics plumbing are trainer/rollout.py's, shared with RLOO (trainer/rloo.py); the value
@@ -302,7 +302,7 @@ def train(
     seed_everything(config.seed)
     if reward_fn is None:
         reward_fn = reward_model_function(
-            config.reward_model, device, normalize=config.normalize_reward
+            config.reward_model, device, normalize=config.normalize_reward, dist=dist
         )
     tokenizer = load_tokenizer(config.policy)
     # The value model before the policy: its fresh head, then the policy's LoRA adapters,

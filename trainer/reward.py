@@ -238,15 +238,22 @@ class RewardScorer:
         *,
         max_length: int | None = None,
         separator: str | None = None,
+        dist: Distributed = SINGLE,
     ) -> None:
         """Formatting comes from the model's prefloop_reward.json; max_length and separator
-        override it (for a reward model trained elsewhere)."""
+        override it (for a reward model trained elsewhere). `dist` sharded (FSDP, a sharded
+        PPO or RLOO run): the model is sharded over the processes like the policy, and every
+        process must score the same number of batches (the same number of groups)."""
         meta_path = Path(model_dir) / META_FILE
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         settings = meta.get("config", {})
-        self.device = resolve_device(device)
+        self.device = dist.device if dist.active else resolve_device(device)
         self.model, self.tokenizer = load_reward_model(model_dir)
-        self.model.to(self.device).eval()
+        self.model.to(torch.device("cpu") if dist.sharded else self.device).eval()
+        # the sharded root is the scoring function's module, as in `train`
+        self.forward = (
+            dist.shard_frozen(Forward(self.model, compute_rewards)) if dist.sharded else None
+        )
         self.formatter = RewardFormatter(
             self.tokenizer,
             max_length or settings.get("max_length", 512),
@@ -257,7 +264,13 @@ class RewardScorer:
 
     def rewards(self, groups: Sequence[EncodedGroup], batch_size: int = 32) -> list[torch.Tensor]:
         return _group_rewards(
-            self.model, groups, self.tokenizer.pad_token_id, self.device, self.bf16, batch_size
+            self.model,
+            groups,
+            self.tokenizer.pad_token_id,
+            self.device,
+            self.bf16,
+            batch_size,
+            self.forward,
         )
 
     def score(self, prompt: Prompt, completions: Sequence[str]) -> list[float]:

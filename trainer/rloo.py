@@ -33,7 +33,8 @@ In several data-parallel processes (`dist`; a job's `"processes": N`) each rank 
 scores and trains on 1/N of every step's prompts (all k answers of each) and of every
 minibatch, as PPO does (trainer/ppo.py): the rewards are pooled, so the baselines, the
 whitening, the KL controller and the metrics are those of the global batch. Sharded
-(`"sharding": "fsdp"`) the policy and the reference are FSDP2 shards, as in PPO.
+(`"sharding": "fsdp"`) the policy, the reference and the reward model are FSDP2 shards, as
+in PPO.
 
 The policy and reference loading, sampling, log-probs, reward-model wrapper, checkpoint and
 metrics plumbing are trainer/rollout.py's, shared with PPO (trainer/ppo.py); nothing here
@@ -193,7 +194,7 @@ def train(
     seed_everything(config.seed)
     if reward_fn is None:
         reward_fn = reward_model_function(
-            config.reward_model, device, normalize=config.normalize_reward
+            config.reward_model, device, normalize=config.normalize_reward, dist=dist
         )
     tokenizer = load_tokenizer(config.policy)
     policy, reference, hub_generation = load_policy(config, home)

@@ -277,8 +277,9 @@ class RewardModelFunction:
         *,
         normalize: bool = True,
         batch_size: int = 32,
+        dist: Distributed = SINGLE,
     ) -> None:
-        self.scorer = RewardScorer(model_dir, device)
+        self.scorer = RewardScorer(model_dir, device, dist=dist)
         stats = self.scorer.normalization if normalize else {}
         self.mean = float(stats.get("mean", 0.0))
         self.std = float(stats.get("std", 1.0)) or 1.0
@@ -296,9 +297,15 @@ class RewardModelFunction:
 
 
 def reward_model_function(
-    model_dir: str | Path, device: str | torch.device | None = None, *, normalize: bool = True
+    model_dir: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    normalize: bool = True,
+    dist: Distributed = SINGLE,
 ) -> RewardModelFunction:
-    return RewardModelFunction(model_dir, device, normalize=normalize)
+    """The reward model of a run; sharded over its processes under FSDP (each scores its own
+    responses, the same number on every rank)."""
+    return RewardModelFunction(model_dir, device, normalize=normalize, dist=dist)
 
 
 def score_responses(
