@@ -6,6 +6,7 @@ reward model, SFT and DPO, replicated (DDP) or sharded (FSDP2)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,6 +168,31 @@ def _assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
 
 
+def _reward_backbone(folder: Path) -> Path:
+    """A tiny random reward model (a Llama sequence classifier) to train, saved in folder."""
+    tokenizer = tokenizer_for(reward_vocabulary())
+    reward_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _fsdp_stopped_after_first_log(target: str, args: tuple, kwargs: dict, run_dir: Path) -> Any:
+    """2 FSDP processes running `target`, the worker asking them to stop once the first
+    `train/loss` came (the stop lands at a later step)."""
+    seen: list[tuple[int, str, float]] = []
+    return launch(
+        target,
+        args,
+        kwargs,
+        processes=2,
+        device="cpu",
+        run_dir=run_dir,
+        on_metric=lambda step, name, value: seen.append((step, name, value)),
+        should_stop=lambda: any(name == "train/loss" for _, name, _ in seen),
+        sharding="fsdp",
+    )
+
+
 def test_two_processes_resume_a_reward_run_to_the_one_process_weights(tmp_path):
     """89 judgments in global batches of 8: every batch splits 4 + 4 except the last, one
     judgment, where rank 1 runs a zero-weight stand-in. Gradient accumulation, centering,
@@ -177,10 +203,7 @@ def test_two_processes_resume_a_reward_run_to_the_one_process_weights(tmp_path):
 
     from trainer.reward import train
 
-    backbone = tmp_path / "backbone"
-    tokenizer = tokenizer_for(reward_vocabulary())
-    reward_model(tokenizer).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
+    backbone = _reward_backbone(tmp_path / "backbone")
     settings = reward_config(
         backbone,
         epochs=2,
@@ -437,17 +460,8 @@ def test_fsdp_sft_follows_the_one_process_curve_and_its_checkpoint_resumes_in_on
     assert straight.steps == 32  # 9 examples / 3 = 3 micro-batches, 2 steps, 16 epochs
 
     out = tmp_path / "run"
-    seen: list[tuple[int, str, float]] = []
-    stopped = launch(
-        "trainer.sft:train",
-        (settings, data, held, out),
-        {},
-        processes=2,
-        device="cpu",
-        run_dir=tmp_path / "launch",
-        on_metric=lambda step, name, value: seen.append((step, name, value)),
-        should_stop=lambda: any(name == "train/loss" for _, name, _ in seen),
-        sharding="fsdp",
+    stopped = _fsdp_stopped_after_first_log(
+        "trainer.sft:train", (settings, data, held, out), {}, tmp_path / "launch"
     )
     assert stopped.stopped and 1 <= stopped.steps < 32, stopped.steps
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
@@ -520,10 +534,7 @@ def test_fsdp_reward_training_follows_the_one_process_curve_and_resumes_in_one(t
 
     from trainer.reward import train
 
-    backbone = tmp_path / "backbone"
-    tokenizer = tokenizer_for(reward_vocabulary())
-    reward_model(tokenizer).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
+    backbone = _reward_backbone(tmp_path / "backbone")
     # 45 judgments, global batches of 8: rank 1 runs a stand-in in each epoch's last one
     settings = reward_config(
         backbone, epochs=6, batch_size=8, logging_steps=1, eval_every=3, ties="half"
@@ -533,17 +544,8 @@ def test_fsdp_reward_training_follows_the_one_process_curve_and_resumes_in_one(t
     assert straight.steps == 36  # 6 batches per epoch
 
     out = tmp_path / "run"
-    seen: list[tuple[int, str, float]] = []
-    stopped = launch(
-        "trainer.reward:train",
-        (settings, data, HELD_OUT, out),
-        gold,
-        processes=2,
-        device="cpu",
-        run_dir=tmp_path / "launch",
-        on_metric=lambda step, name, value: seen.append((step, name, value)),
-        should_stop=lambda: any(name == "train/loss" for _, name, _ in seen),
-        sharding="fsdp",
+    stopped = _fsdp_stopped_after_first_log(
+        "trainer.reward:train", (settings, data, HELD_OUT, out), gold, tmp_path / "launch"
     )
     assert stopped.stopped and 1 <= stopped.steps < 36, stopped.steps
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
@@ -572,10 +574,7 @@ def test_an_fsdp_reward_run_saves_the_model_and_its_normalization(tmp_path):
 
     from trainer.reward import train
 
-    backbone = tmp_path / "backbone"
-    tokenizer = tokenizer_for(reward_vocabulary())
-    reward_model(tokenizer).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
+    backbone = _reward_backbone(tmp_path / "backbone")
     settings = reward_config(backbone, epochs=2, batch_size=8, logging_steps=1)
     data = TRAIN[:45]
     straight = train(settings, data, HELD_OUT, tmp_path / "straight")

@@ -132,6 +132,21 @@ def _launch(target: str, config: Any, out: Path, run_dir: Path, **kwargs: Any) -
     )
 
 
+def _launch_stopped(target: str, config: Any, out: Path, run_dir: Path, **kwargs: Any) -> Any:
+    """`_launch`, the worker asking the processes to stop once the first step's metrics
+    came (the stop lands at a later step)."""
+    seen: list[tuple[int, str, float]] = []
+    return _launch(
+        target,
+        config,
+        out,
+        run_dir,
+        on_metric=lambda step, name, value: seen.append((step, name, value)),
+        should_stop=lambda: bool(seen),
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize(
     ("target", "settings", "steps"),
     [
@@ -159,15 +174,7 @@ def test_two_processes_raise_the_reward_stop_together_and_resume_exactly(
     assert not (tmp_path / "whole" / CHECKPOINT_DIR).exists()
 
     out = tmp_path / "split"
-    seen: list[tuple[int, str, float]] = []
-    stopped = _launch(
-        target,
-        config,
-        out,
-        tmp_path / "launch",
-        on_metric=lambda step, name, value: seen.append((step, name, value)),
-        should_stop=lambda: any(name == "reward/raw" for _, name, _ in seen),
-    )
+    stopped = _launch_stopped(target, config, out, tmp_path / "launch")
     assert (tmp_path / "launch" / STOP).exists()
     assert stopped.stopped and 1 <= stopped.steps < steps, stopped.steps
     assert (out / CHECKPOINT_DIR / "state.pt").exists()
@@ -191,15 +198,7 @@ def test_a_two_process_checkpoint_resumes_in_one(policy_dir, tmp_path):
     steps = 40
     config = ppo_config(policy_dir, total_steps=steps, rollout_batch_size=8, minibatch_size=4)
     out = tmp_path / "run"
-    seen: list[tuple[int, str, float]] = []
-    stopped = _launch(
-        "trainer.ppo:train",
-        config,
-        out,
-        tmp_path / "launch",
-        on_metric=lambda step, name, value: seen.append((step, name, value)),
-        should_stop=lambda: bool(seen),
-    )
+    stopped = _launch_stopped("trainer.ppo:train", config, out, tmp_path / "launch")
     assert stopped.stopped and stopped.steps < steps
     resumed = train(config, PROMPTS, out, reward_fn=says_sunny, device="cpu")
     assert not resumed.stopped and resumed.steps == steps
@@ -268,16 +267,7 @@ def test_sharded_processes_follow_the_replicated_run_and_resume_exactly(
         ), name
 
     out = tmp_path / "split"
-    seen: list[tuple[int, str, float]] = []
-    stopped = _launch(
-        target,
-        config,
-        out,
-        tmp_path / "launch",
-        sharding="fsdp",
-        on_metric=lambda step, name, value: seen.append((step, name, value)),
-        should_stop=lambda: bool(seen),
-    )
+    stopped = _launch_stopped(target, config, out, tmp_path / "launch", sharding="fsdp")
     assert stopped.stopped and 1 <= stopped.steps < steps, stopped.steps
     state = torch.load(out / CHECKPOINT_DIR / "state.pt", weights_only=False)
     models = ["policy", "value"] if "ppo" in target else ["policy"]
