@@ -110,6 +110,9 @@ def test_charts_cancel_and_the_generate_count(server: LiveServer, browsing: Brow
     # Choosing another version refills the form from it; the swapped-in selects still work.
     page.locator("#g-model").select_option(str(ids["tuned"]))
     page.locator("#g-temperature[value='0.3']").wait_for()
+    # htmx binds the swapped-in selects' triggers as the swap settles (20 ms on): a change
+    # before that is lost, as no person could be quick enough to make it.
+    page.wait_for_function("() => !document.querySelector('.htmx-settling')")
     assert page.locator("#g-audit_against_id").input_value() == str(ids["policy"])
     assert page.locator("#g-campaign").input_value() == "ux-browser-other"
     page.locator("#g-campaign").select_option("ux-browser")
