@@ -524,12 +524,12 @@ def test_fsdp_dpo_resumes_a_one_process_checkpoint_to_the_one_process_weights(
     assert not (out / CHECKPOINT_DIR).exists()
 
 
-def test_fsdp_reward_training_follows_the_one_process_curve_and_resumes_in_one(tmp_path):
+def test_fsdp_reward_training_follows_the_one_process_curve_stops_and_resumes(tmp_path):
     """2 FSDP processes train a reward model (the last-token pooling, which calls the body and
     the head apart, runs inside the sharded root), stopped by the worker after their first
     logged step: they follow the one-process curve, evaluation and gold accuracy included
-    (both ranks run it); the checkpoint rank 0 gathered has the one-process format and
-    resumes in one process to the uninterrupted run's weights and normalization."""
+    (both ranks run it), into a checkpoint of the one-process format. Resumed sharded, they
+    score the normalization sample together and rank 0 saves the one-process run's weights."""
     from transformers import AutoModelForSequenceClassification
 
     from trainer.reward import train
@@ -537,17 +537,16 @@ def test_fsdp_reward_training_follows_the_one_process_curve_and_resumes_in_one(t
     backbone = _reward_backbone(tmp_path / "backbone")
     # 45 judgments, global batches of 8: rank 1 runs a stand-in in each epoch's last one
     settings = reward_config(
-        backbone, epochs=6, batch_size=8, logging_steps=1, eval_every=3, ties="half"
+        backbone, epochs=3, batch_size=8, logging_steps=1, eval_every=3, ties="half"
     )
     data, gold = TRAIN[:45], {"gold_groups": HELD_OUT[:10]}
     straight = train(settings, data, HELD_OUT, tmp_path / "straight", **gold)
-    assert straight.steps == 36  # 6 batches per epoch
+    assert straight.steps == 18  # 6 batches per epoch
 
     out = tmp_path / "run"
-    stopped = _fsdp_stopped_after_first_log(
-        "trainer.reward:train", (settings, data, HELD_OUT, out), gold, tmp_path / "launch"
-    )
-    assert stopped.stopped and 1 <= stopped.steps < 36, stopped.steps
+    args = (settings, data, HELD_OUT, out)
+    stopped = _fsdp_stopped_after_first_log("trainer.reward:train", args, gold, tmp_path / "l")
+    assert stopped.stopped and 1 <= stopped.steps < 18, stopped.steps
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
     plain = AutoModelForSequenceClassification.from_pretrained(backbone).state_dict()
     assert state["model"].keys() == plain.keys()
@@ -556,46 +555,24 @@ def test_fsdp_reward_training_follows_the_one_process_curve_and_resumes_in_one(t
         want = [e for e in straight.history if e[0] <= stopped.steps]
         _assert_same_curve(stopped.history, want, name)
 
-    resumed = train(settings, data, HELD_OUT, out, **gold)
-    assert not resumed.stopped and resumed.steps == 36
-    assert resumed.normalization["mean"] == pytest.approx(
-        straight.normalization["mean"], rel=1e-4, abs=1e-5
+    resumed = launch(
+        "trainer.reward:train",
+        args,
+        gold,
+        processes=2,
+        device="cpu",
+        run_dir=tmp_path / "l",
+        sharding="fsdp",
     )
+    assert not resumed.stopped and resumed.steps == 18
+    for key in ("mean", "std"):
+        assert resumed.normalization[key] == pytest.approx(
+            straight.normalization[key], rel=1e-4, abs=1e-5
+        ), key
+    assert resumed.normalization["count"] == straight.normalization["count"] > 0
+    assert resumed.metrics["eval_accuracy"] == pytest.approx(straight.metrics["eval_accuracy"])
     _assert_same_weights(
         AutoModelForSequenceClassification.from_pretrained(out).state_dict(),
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "straight").state_dict(),
     )
-
-
-def test_an_fsdp_reward_run_saves_the_model_and_its_normalization(tmp_path):
-    """A whole sharded run: every rank scores the normalization sample, rank 0 saves a plain
-    copy of the gathered weights; both match one process's."""
-    from transformers import AutoModelForSequenceClassification
-
-    from trainer.reward import train
-
-    backbone = _reward_backbone(tmp_path / "backbone")
-    settings = reward_config(backbone, epochs=2, batch_size=8, logging_steps=1)
-    data = TRAIN[:45]
-    straight = train(settings, data, HELD_OUT, tmp_path / "straight")
-    sharded = launch(
-        "trainer.reward:train",
-        (settings, data, HELD_OUT, tmp_path / "run"),
-        {},
-        processes=2,
-        device="cpu",
-        run_dir=tmp_path / "launch",
-        sharding="fsdp",
-    )
-    assert not sharded.stopped and sharded.steps == straight.steps == 12
-    for key in ("mean", "std"):
-        assert sharded.normalization[key] == pytest.approx(
-            straight.normalization[key], rel=1e-4, abs=1e-5
-        ), key
-    assert sharded.normalization["count"] == straight.normalization["count"] > 0
-    assert sharded.metrics["eval_accuracy"] == pytest.approx(straight.metrics["eval_accuracy"])
-    _assert_same_weights(
-        AutoModelForSequenceClassification.from_pretrained(tmp_path / "run").state_dict(),
-        AutoModelForSequenceClassification.from_pretrained(tmp_path / "straight").state_dict(),
-    )
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert not (out / "checkpoint").exists()
