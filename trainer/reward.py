@@ -592,17 +592,15 @@ def train(
 
     # ---- finish (rank 0): stats for reward whitening, the model in plain transformers format
     # (FSDP: every rank scores the sample and gathers the weights; rank 0 saves a plain copy)
-    if dist.sharded:
-        normalization = _normalization(model, train_data, config, pad_id, device, bf16, forward)
-        weights = dist.model_state(model)
+    if dist.evaluates:
+        normalization = _normalization(model, train_data, config, pad_id, device, bf16, scoring)
+    weights = dist.model_state(model) if dist.sharded else None
     if not dist.is_main:
         dist.barrier()  # until rank 0 has saved
         return RewardResult(str(output_dir), {}, {}, steps=done, total_steps=total_steps)
-    if dist.sharded:
+    if weights is not None:
         model, _ = load_reward_model(config.model_name_or_path)  # on the CPU, for its weights
         model.load_state_dict(weights)
-    else:
-        normalization = _normalization(model, train_data, config, pad_id, device, bf16)
     metrics: dict[str, float] = {
         "eval_accuracy": last_eval.get("accuracy", float("nan")),
         "eval_ece": last_eval.get("ece", float("nan")),

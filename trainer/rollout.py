@@ -779,7 +779,8 @@ def rollout_metrics(
     lengths = dist.gather_rows(rollout.lengths).float()  # (B,)
     contains_eos = dist.gather_rows(rollout.contains_eos)  # (B,)
     (sequence_tokens,) = dist.sum([rollout.query_response.numel()])
-    # DDP all-reduces the gradients before they are clipped: every rank has the same norms.
+    # Every rank has the same norms: DDP all-reduces the gradients before they are clipped,
+    # and under FSDP the norm is taken over all the shards.
     grad_norm = sum(grad_norms) / len(grad_norms)
     return {
         "response/length": lengths.mean().item(),
