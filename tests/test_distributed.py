@@ -535,9 +535,10 @@ def test_fsdp_reward_training_follows_the_one_process_curve_stops_and_resumes(tm
     from trainer.reward import train
 
     backbone = _reward_backbone(tmp_path / "backbone")
-    # 45 judgments, global batches of 8: rank 1 runs a stand-in in each epoch's last one
+    # 45 judgments, global batches of 8: rank 1 runs a stand-in in each epoch's last one.
+    # An evaluation every step, so the curve up to the stop has some, wherever it lands.
     settings = reward_config(
-        backbone, epochs=3, batch_size=8, logging_steps=1, eval_every=3, ties="half"
+        backbone, epochs=3, batch_size=8, logging_steps=1, eval_every=1, ties="half"
     )
     data, gold = TRAIN[:45], {"gold_groups": HELD_OUT[:10]}
     straight = train(settings, data, HELD_OUT, tmp_path / "straight", **gold)
